@@ -1,0 +1,99 @@
+"""sigmax-fl ClientApp: one trading instance trains on its own bars and sends only weights.
+
+Raw bars, features, the scaler and trading metrics never leave the instance; a train reply
+carries the updated weights, ``train_loss`` and ``num-examples``; an evaluate reply carries the
+validation loss, hit rate, IC and rank IC.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from sigmax_fl import task
+from sigmax_fl.data import source_for_node
+from sigmax_fl.dataset import InstanceData, Recipe, load_instance
+from sigmax_fl.model import build_model
+from sigmax_fl.settings import Settings
+from sigmax_fl.strategy import META_KEY, WEIGHT_KEY
+
+# A 15k-parameter MLP gains nothing from intra-op threads, and simulated instances share
+# the machine's cores: one thread each avoids oversubscription.
+torch.set_num_threads(1)
+
+app = ClientApp()
+
+
+def _instance(context: Context) -> tuple[Settings, str, InstanceData]:
+    settings = Settings.from_run_config(context.run_config)
+    source = source_for_node(dict(context.node_config), settings.data_sources, settings.data_dir)
+    recipe = Recipe(
+        settings.horizon,
+        settings.max_gap,
+        settings.train_end,
+        settings.val_end,
+        settings.data_policy,
+    )
+    return settings, source.instance_id, load_instance(source, recipe)
+
+
+def _model(settings: Settings, message: Message) -> torch.nn.Module:
+    model = build_model(settings.model)
+    model.load_state_dict(message.content["arrays"].to_torch_state_dict())
+    return model
+
+
+def _reply(
+    message: Message, instance_id: str, metrics: dict, arrays: ArrayRecord | None = None
+) -> Message:
+    content = RecordDict(
+        {"metrics": MetricRecord(metrics), META_KEY: ConfigRecord({"instance-id": instance_id})}
+    )
+    if arrays is not None:
+        content["arrays"] = arrays
+    return Message(content=content, reply_to=message)
+
+
+@app.train()
+def train(message: Message, context: Context) -> Message:
+    """Train the received global model for ``local-epochs`` on this instance's training rows."""
+    # Load this instance's data (cached) and the global model
+    settings, instance_id, data = _instance(context)
+    model = _model(settings, message)
+    server_round = int(message.content["config"].get("server-round", 0))
+
+    # Train locally, seeded by run seed, round and instance, so a rerun is identical
+    seed = settings.seed * 1_000_003 + server_round * 7919 + zlib.crc32(instance_id.encode())
+    train_loss = task.train(
+        model,
+        data.X("train"),
+        data.y("train"),
+        epochs=settings.local_epochs,
+        batch_size=settings.batch_size,
+        learning_rate=settings.learning_rate,
+        optimizer=settings.optimizer,
+        seed=seed,
+    )
+
+    # Reply with the weights and the example count the server weighs them by
+    metrics = {"train_loss": train_loss, WEIGHT_KEY: data.rows("train")}
+    return _reply(message, instance_id, metrics, ArrayRecord(model.state_dict()))
+
+
+@app.evaluate()
+def evaluate(message: Message, context: Context) -> Message:
+    """Score the received global model on this instance's validation rows."""
+    settings, instance_id, data = _instance(context)
+    model = _model(settings, message)
+    scores = task.evaluate(model, data.X("val"), data.y("val"))
+    metrics = {
+        "val_loss": scores["loss"],
+        "hit_rate": scores["hit_rate"],
+        "ic": scores["ic"],
+        "rank_ic": scores["rank_ic"],
+        WEIGHT_KEY: data.rows("val"),
+    }
+    return _reply(message, instance_id, metrics)

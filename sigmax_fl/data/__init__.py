@@ -1,0 +1,25 @@
+"""Market data in: exchange files -> one canonical OHLCV frame, validated.
+
+Public names (other modules and users rely on them): :func:`load_ohlcv`, :class:`DataError`,
+:func:`resolve_source`, :data:`BUNDLED`.
+"""
+
+from sigmax_fl.data.errors import DataError
+from sigmax_fl.data.formats import load_ohlcv
+from sigmax_fl.data.sources import (
+    BUNDLED,
+    DataSource,
+    parse_sources,
+    resolve_source,
+    source_for_node,
+)
+
+__all__ = [
+    "BUNDLED",
+    "DataError",
+    "DataSource",
+    "load_ohlcv",
+    "parse_sources",
+    "resolve_source",
+    "source_for_node",
+]

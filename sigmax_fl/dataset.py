@@ -1,0 +1,145 @@
+"""One instance's ready-to-train arrays, built once and cached on that instance's own disk.
+
+In deployment every message starts a fresh ClientApp process, so features are cached on disk,
+keyed by the source file's content hash and everything that shapes the arrays; in simulation
+the same process serves many rounds, so they are also kept in memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from sigmax_fl.data import DataSource, load_ohlcv
+from sigmax_fl.data.formats import split_asset
+from sigmax_fl.features import FEATURE_VERSION, Calendar, Scaler, make_features
+
+CACHE_DIR_ENV = "SIGMAX_FL_CACHE_DIR"
+SPLITS = ("train", "val", "test")
+
+# A child of Flower's logger, so these lines reach `flwr log` and the run's stream.
+log = logging.getLogger(f"flwr.{__name__}")
+
+_MEMORY: dict[str, InstanceData] = {}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything besides the file's bytes that decides an instance's arrays."""
+
+    horizon: int
+    max_gap: str
+    train_end: str
+    val_end: str
+    data_policy: str
+
+    def key(self, source: DataSource) -> str:
+        file, asset = split_asset(source.path)
+        digest = hashlib.sha256(file.read_bytes()).hexdigest()
+        text = json.dumps(
+            [
+                digest,
+                asset,
+                FEATURE_VERSION,
+                self.horizon,
+                self.max_gap,
+                self.train_end,
+                self.val_end,
+                self.data_policy,
+            ]
+        )
+        return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+@dataclass(frozen=True)
+class InstanceData:
+    """Scaled features and targets per split; the scaler statistics stay with the instance."""
+
+    instance_id: str
+    arrays: dict[str, np.ndarray]
+    """``X_train, y_train, t_train`` (bar times, int64 ns) and the same for val and test."""
+    report: dict
+
+    def X(self, split: str) -> np.ndarray:
+        return self.arrays[f"X_{split}"]
+
+    def y(self, split: str) -> np.ndarray:
+        return self.arrays[f"y_{split}"]
+
+    def rows(self, split: str) -> int:
+        return len(self.arrays[f"y_{split}"])
+
+
+def build(source: DataSource, recipe: Recipe) -> InstanceData:
+    """Load, featurise, split on the shared calendar, and scale on training rows alone."""
+    bars = load_ohlcv(source.path, policy=recipe.data_policy)
+    X, y = make_features(bars, recipe.horizon, max_gap=recipe.max_gap)
+    calendar = Calendar.from_strings(recipe.train_end, recipe.val_end, embargo=recipe.horizon)
+    positions = calendar.split(X.index)
+    if len(positions["train"]) == 0:
+        raise ValueError(
+            f"{source.path}: no training rows on or before train-end {recipe.train_end} "
+            f"(its bars run {bars.index[0].date()} .. {bars.index[-1].date()})"
+        )
+    values = X.to_numpy(np.float32)
+    scaler = Scaler.fit(values[positions["train"]])
+    arrays: dict[str, np.ndarray] = {}
+    stamps = X.index.as_unit("ns").asi8
+    for split in SPLITS:
+        pos = positions[split]
+        arrays[f"X_{split}"] = scaler.transform(values[pos])
+        arrays[f"y_{split}"] = y.to_numpy(np.float32)[pos]
+        arrays[f"t_{split}"] = stamps[pos]
+    report = {
+        "instance_id": source.instance_id,
+        "venue": source.venue,
+        "source": source.path,
+        "bars": bars.attrs["report"],
+        "dropped_rows": X.attrs["dropped"],
+        "rows": {split: len(positions[split]) for split in SPLITS},
+        "dates": {
+            split: [str(X.index[p[0]].date()), str(X.index[p[-1]].date())] if len(p) else None
+            for split, p in positions.items()
+        },
+    }
+    return InstanceData(source.instance_id, arrays, report)
+
+
+def default_cache_dir() -> Path:
+    """``$SIGMAX_FL_CACHE_DIR``, else the user's cache: the instance's own disk."""
+    if env := os.environ.get(CACHE_DIR_ENV):
+        return Path(env).expanduser()
+    return Path.home() / ".cache" / "sigmax-fl" / "features"
+
+
+def load_instance(
+    source: DataSource, recipe: Recipe, cache_dir: Path | None = None
+) -> InstanceData:
+    """The instance's arrays from memory, else from its disk cache, else built and cached."""
+    key = f"{source.instance_id}-{recipe.key(source)}"
+    if key in _MEMORY:
+        return _MEMORY[key]
+    folder = cache_dir or default_cache_dir()
+    npz, meta = folder / f"{key}.npz", folder / f"{key}.json"
+    if npz.is_file() and meta.is_file():
+        with np.load(npz) as stored:
+            data = InstanceData(source.instance_id, dict(stored), json.loads(meta.read_text()))
+    else:
+        data = build(source, recipe)
+        folder.mkdir(parents=True, exist_ok=True)
+        # Write-then-rename: a crash mid-write leaves no half cache for the next process.
+        tmp = folder / f".{key}.{os.getpid()}.tmp.npz"
+        np.savez(tmp, **data.arrays)
+        os.replace(tmp, npz)
+        tmp_meta = folder / f".{key}.{os.getpid()}.tmp.json"
+        tmp_meta.write_text(json.dumps(data.report, indent=1))
+        os.replace(tmp_meta, meta)
+        log.info("%s: features built and cached in %s", source.instance_id, npz)
+    _MEMORY[key] = data
+    return data

@@ -1,0 +1,126 @@
+"""Run config (kebab-case keys of ``[tool.flwr.app.config]``) -> one typed, validated object.
+
+The config is read once, here; everything downstream gets attributes with units, so a typo in
+pyproject.toml or ``--run-config`` is an error naming the key, not a silent default.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+import pandas as pd
+
+OPTIMIZERS = ("adam", "sgd")
+DATA_POLICIES = ("strict", "repair")
+
+
+_UNITS = {"d": "days", "h": "hours", "min": "minutes", "m": "minutes", "s": "seconds"}
+
+
+def parse_duration(text: str) -> pd.Timedelta:
+    """``"3d"``, ``"12h"``, ``"90min"``, ``"30s"`` -> Timedelta; anything else is an error."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(d|h|min|m|s)\s*", str(text))
+    if not match or float(match[1]) <= 0:
+        raise ValueError(f"not a positive duration: {text!r} (use e.g. '3d', '12h', '90min')")
+    return pd.Timedelta(**{_UNITS[match[2]]: float(match[1])})
+
+
+class ConfigError(ValueError):
+    """A run-config value that cannot be used, naming the key and what was expected."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every run-config key, typed. Field ``num_server_rounds`` is key ``num-server-rounds``."""
+
+    num_server_rounds: int = 10
+    fraction_train: float = 1.0
+    fraction_evaluate: float = 1.0
+    min_train_nodes: int = 2
+    min_available_nodes: int = 2
+    round_timeout: float = 600.0
+    local_epochs: int = 5
+    batch_size: int = 32
+    learning_rate: float = 0.001
+    optimizer: str = "adam"
+    seed: int = 42
+    model: str = "trading-mlp"
+    data_sources: str = (
+        "coinbase-btc-usd-1d,bitstamp-btc-usd-1d,bitstamp-eth-usd-1d,bitstamp-ltc-usd-1d"
+    )
+    data_dir: str = ""
+    data_policy: str = "strict"
+    horizon: int = 1
+    max_gap: str = "3d"
+    train_end: str = "2018-09-30"
+    val_end: str = "2019-03-31"
+    outputs_dir: str = ""
+    run_name: str = ""
+
+    def __post_init__(self) -> None:
+        positive = (
+            "num_server_rounds",
+            "local_epochs",
+            "batch_size",
+            "horizon",
+            "min_available_nodes",
+        )
+        for name in positive:
+            if getattr(self, name) < 1:
+                _bad(name, getattr(self, name), "an integer >= 1")
+        if self.min_train_nodes < 0:
+            _bad("min_train_nodes", self.min_train_nodes, "an integer >= 0")
+        for name in ("fraction_train", "fraction_evaluate"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                _bad(name, getattr(self, name), "a fraction in [0, 1]")
+        if not self.learning_rate > 0:
+            _bad("learning_rate", self.learning_rate, "a positive number")
+        if not self.round_timeout > 0:
+            _bad("round_timeout", self.round_timeout, "a positive number of seconds")
+        if self.optimizer not in OPTIMIZERS:
+            _bad("optimizer", self.optimizer, f"one of {list(OPTIMIZERS)}")
+        if self.data_policy not in DATA_POLICIES:
+            _bad("data_policy", self.data_policy, f"one of {list(DATA_POLICIES)}")
+        try:
+            parse_duration(self.max_gap)
+        except ValueError:
+            _bad("max_gap", self.max_gap, "a positive duration such as '3d', '12h' or '90min'")
+        for name in ("train_end", "val_end"):
+            try:
+                pd.Timestamp(getattr(self, name))
+            except ValueError:
+                _bad(name, getattr(self, name), "a date such as '2018-09-30'")
+        if pd.Timestamp(self.train_end) >= pd.Timestamp(self.val_end):
+            _bad("val_end", self.val_end, f"a date after train-end ({self.train_end})")
+
+    @classmethod
+    def from_run_config(cls, config: Mapping[str, Any]) -> Settings:
+        """Build from ``context.run_config``; unknown keys and wrong types are errors."""
+        by_key = {f.name.replace("_", "-"): f for f in fields(cls)}
+        unknown = sorted(set(config) - set(by_key))
+        if unknown:
+            raise ConfigError(f"unknown run-config key(s) {unknown}; known keys: {sorted(by_key)}")
+        values: dict[str, Any] = {}
+        for key, value in config.items():
+            f = by_key[key]
+            expected = {"int": int, "float": float, "str": str}[str(f.type)]
+            if expected is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            if not isinstance(value, expected) or isinstance(value, bool):
+                raise ConfigError(
+                    f"run-config '{key}' = {value!r}: expected {expected.__name__}, "
+                    f"got {type(value).__name__}"
+                )
+            values[f.name] = value
+        return cls(**values)
+
+    def to_run_config(self) -> dict[str, Any]:
+        """The kebab-case mapping, as written to the run's outputs."""
+        return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
+
+
+def _bad(name: str, value: object, expected: str) -> None:
+    raise ConfigError(f"run-config '{name.replace('_', '-')}' = {value!r}: expected {expected}")

@@ -1,0 +1,190 @@
+"""WeightedFedAvg: the weighted mean by hand, equality with stock FedAvg, every rejection."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAvg
+from flwr.supercore.task_identity import TaskIdentity
+
+from sigmax_fl.strategy import META_KEY, WeightedFedAvg, as_numpy
+
+SHAPES = {"w": (3, 2), "b": (2,)}
+
+
+@pytest.fixture(autouse=True)
+def _identity() -> None:
+    # Messages outside a running Flower process need a task identity to be built.
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+
+
+def arrays(seed: int, dtype: str = "float32") -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {k: rng.normal(size=s).astype(dtype) for k, s in SHAPES.items()}
+
+
+def record(values: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({k: Array(v) for k, v in values.items()})
+
+
+def reply(
+    node: int, values: dict[str, np.ndarray] | ArrayRecord, metrics: dict, name: str = ""
+) -> Message:
+    sent = Message(RecordDict(), dst_node_id=node, message_type="train")
+    content = RecordDict(
+        {
+            "arrays": values if isinstance(values, ArrayRecord) else record(values),
+            "metrics": MetricRecord(metrics),
+            META_KEY: ConfigRecord({"instance-id": name or f"inst-{node}"}),
+        }
+    )
+    return Message(content, reply_to=sent)
+
+
+def error_reply(node: int) -> Message:
+    sent = Message(RecordDict(), dst_node_id=node, message_type="train")
+    return Message(Error(code=0, reason="ClientApp raised"), reply_to=sent)
+
+
+def aggregate(replies: list[Message], glob: ArrayRecord | None = None) -> tuple:
+    strategy = WeightedFedAvg()
+    strategy._sent = glob if glob is not None else record(arrays(0))
+    return strategy.aggregate_train(1, replies), strategy
+
+
+def test_weighted_average_equals_hand_computation() -> None:
+    # Prepare
+    parts = [(arrays(1), 100), (arrays(2), 300), (arrays(3), 600)]
+    replies = [
+        reply(i, a, {"num-examples": n, "train_loss": float(i)}) for i, (a, n) in enumerate(parts)
+    ]
+
+    # Execute
+    (result, metrics), _ = aggregate(replies)
+
+    # Assert
+    for name in SHAPES:
+        expected = sum(a[name].astype(np.float64) * n for a, n in parts) / 1000
+        np.testing.assert_allclose(result[name].numpy(), expected, rtol=1e-6, atol=1e-7)
+        assert result[name].numpy().dtype == np.float32
+    assert metrics["replies-ok"] == 3 and metrics["replies-rejected"] == 0
+    assert metrics["train_loss"] == pytest.approx((0 * 100 + 1 * 300 + 2 * 600) / 1000)
+
+
+def test_equals_stock_fedavg_on_good_replies() -> None:
+    parts = [(arrays(s), n) for s, n in ((4, 17), (5, 1200), (6, 333), (7, 50))]
+    replies = [
+        reply(i, a, {"num-examples": n, "train_loss": 0.5}) for i, (a, n) in enumerate(parts)
+    ]
+    (ours, _), _ = aggregate(replies)
+    stock, _ = FedAvg().aggregate_train(1, replies)
+    for name in SHAPES:
+        np.testing.assert_allclose(ours[name].numpy(), stock[name].numpy(), atol=1e-6)
+
+
+def _npy_lying_about_shape() -> ArrayRecord:
+    good = arrays(9)
+    buffer = io.BytesIO()
+    np.save(buffer, np.zeros((4, 4), np.float32))
+    fake = Array(dtype="float32", shape=(3, 2), stype="numpy.ndarray", data=buffer.getvalue())
+    return ArrayRecord({"w": fake, "b": Array(good["b"])})
+
+
+def _nan() -> dict[str, np.ndarray]:
+    bad = arrays(8)
+    bad["w"][0, 0] = np.nan
+    return bad
+
+
+def _inf() -> dict[str, np.ndarray]:
+    bad = arrays(8)
+    bad["b"][1] = -np.inf
+    return bad
+
+
+BAD_REPLIES = {
+    "error reply": lambda node: error_reply(node),
+    "no num-examples": lambda node: reply(node, arrays(8), {"train_loss": 1.0}),
+    "zero num-examples": lambda node: reply(node, arrays(8), {"num-examples": 0}),
+    "negative num-examples": lambda node: reply(node, arrays(8), {"num-examples": -5}),
+    "fractional num-examples": lambda node: reply(node, arrays(8), {"num-examples": 2.5}),
+    "missing array": lambda node: reply(node, {"w": arrays(8)["w"]}, {"num-examples": 10}),
+    "renamed array": lambda node: reply(
+        node, {"w": arrays(8)["w"], "bias": arrays(8)["b"]}, {"num-examples": 10}
+    ),
+    "wrong shape": lambda node: reply(
+        node, {"w": np.zeros((2, 3), np.float32), "b": arrays(8)["b"]}, {"num-examples": 10}
+    ),
+    "wrong dtype": lambda node: reply(node, arrays(8, "float64"), {"num-examples": 10}),
+    "NaN": lambda node: reply(node, _nan(), {"num-examples": 10}),
+    "Inf": lambda node: reply(node, _inf(), {"num-examples": 10}),
+    "npy disagrees with header": lambda node: reply(
+        node, _npy_lying_about_shape(), {"num-examples": 10}
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_REPLIES))
+def test_bad_reply_is_left_out_and_counted(case: str) -> None:
+    # Prepare: two good replies and one bad one
+    good = [(arrays(1), 100), (arrays(2), 300)]
+    replies = [reply(i, a, {"num-examples": n}) for i, (a, n) in enumerate(good)]
+    replies.append(BAD_REPLIES[case](99))
+
+    # Execute
+    (result, metrics), strategy = aggregate(replies)
+
+    # Assert: the average is that of the good replies alone, the bad one is named
+    for name in SHAPES:
+        expected = (good[0][0][name] * 100.0 + good[1][0][name] * 300.0) / 400
+        np.testing.assert_allclose(result[name].numpy(), expected, rtol=1e-6, atol=1e-7)
+    assert metrics["replies-ok"] == 2 and metrics["replies-rejected"] == 1
+    rejected = [s for s in strategy.last_train if not s.ok]
+    assert len(rejected) == 1 and rejected[0].reason
+    assert rejected[0].instance_id in {"inst-99", "node-99"}
+
+
+def test_no_usable_reply_keeps_the_model() -> None:
+    (result, metrics), _ = aggregate([error_reply(1), BAD_REPLIES["NaN"](2)])
+    assert result is None
+    assert metrics["replies-ok"] == 0 and metrics["replies-rejected"] == 2
+
+
+def test_as_numpy_reads_without_copy() -> None:
+    value = np.arange(12, dtype=np.float32).reshape(3, 4)
+    array = Array(value)
+    view = as_numpy(array)
+    np.testing.assert_array_equal(view, value)
+    assert not view.flags.owndata and not view.flags.writeable
+
+
+def test_evaluate_metrics_weighted_and_nan_tolerant() -> None:
+    sent = [Message(RecordDict(), dst_node_id=n, message_type="evaluate") for n in (1, 2, 3)]
+    replies = [
+        Message(
+            RecordDict(
+                {"metrics": MetricRecord({"val_loss": 1.0, "ic": 0.2, "num-examples": 100})}
+            ),
+            reply_to=sent[0],
+        ),
+        Message(
+            RecordDict(
+                {
+                    "metrics": MetricRecord(
+                        {"val_loss": 3.0, "ic": float("nan"), "num-examples": 300}
+                    )
+                }
+            ),
+            reply_to=sent[1],
+        ),
+        Message(Error(code=0, reason="boom"), reply_to=sent[2]),
+    ]
+    strategy = WeightedFedAvg()
+    metrics = strategy.aggregate_evaluate(1, replies)
+    assert metrics["val_loss"] == pytest.approx(2.5)
+    assert metrics["ic"] == pytest.approx(0.2)  # the NaN instance is left out of IC only
+    assert metrics["replies-ok"] == 2
+    assert [s.ok for s in strategy.last_evaluate] == [True, True, False]
