@@ -89,11 +89,8 @@ def evaluate(message: Message, context: Context) -> Message:
     settings, instance_id, data = _instance(context)
     model = _model(settings, message)
     scores = task.evaluate(model, data.X("val"), data.y("val"))
-    metrics = {
-        "val_loss": scores["loss"],
-        "hit_rate": scores["hit_rate"],
-        "ic": scores["ic"],
-        "rank_ic": scores["rank_ic"],
-        WEIGHT_KEY: data.rows("val"),
-    }
+    metrics = {"val_loss": scores["loss"], WEIGHT_KEY: data.rows("val")}
+    # The instance's own trading metrics leave it only if the operator allows it.
+    if settings.share_instance_metrics:
+        metrics.update(hit_rate=scores["hit_rate"], ic=scores["ic"], rank_ic=scores["rank_ic"])
     return _reply(message, instance_id, metrics)

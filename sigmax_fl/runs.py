@@ -1,4 +1,4 @@
-"""A run's folder: the run config used, a per-round history, and the final model.
+"""A run's folder: run config, per-round history and audit, checkpoints, the final model.
 
 The ServerApp runs in the SuperLink's working directory, not the project's, so the folder is
 always an absolute path: ``outputs-dir`` if set, else ``$SIGMAX_FL_OUTPUTS_DIR``, else
@@ -54,10 +54,7 @@ def write_json(path: Path, payload: Any) -> None:
 
 def append_history(run_dir: Path, record: dict[str, Any]) -> None:
     """One JSON line per round, flushed as it happens: a crash keeps every finished round."""
-    with (run_dir / HISTORY_JSONL).open("a") as handle:
-        handle.write(json.dumps(record, default=str) + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
+    append_jsonl(run_dir / HISTORY_JSONL, [record])
 
 
 def read_history(run_dir: Path) -> list[dict[str, Any]]:
@@ -75,3 +72,80 @@ def save_model(run_dir: Path, state_dict: dict[str, torch.Tensor], name: str = F
     torch.save(state_dict, tmp)
     os.replace(tmp, path)
     return path
+
+
+CHECKPOINTS = "checkpoints"
+AUDIT_JSONL = "audit.jsonl"
+CHECKPOINT_FORMAT = 1
+
+
+def append_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
+    """Append lines and fsync: what a crash leaves is every line written before it."""
+    with path.open("a") as handle:
+        for record in records:
+            handle.write(json.dumps(record, default=str) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def write_checkpoint(run_dir: Path, server_round: int, payload: dict[str, Any], keep: int) -> Path:
+    """Save one round's server state atomically and keep only the newest ``keep`` files."""
+    folder = run_dir / CHECKPOINTS
+    folder.mkdir(exist_ok=True)
+    path = folder / f"round-{server_round:05d}.pt"
+    tmp = folder / f".{path.name}.tmp"
+    torch.save({"format": CHECKPOINT_FORMAT, **payload}, tmp)
+    os.replace(tmp, path)
+    for old in sorted(folder.glob("round-*.pt"))[: -keep or None] if keep else []:
+        old.unlink()
+    return path
+
+
+def find_checkpoint(resume_from: str, outputs_dir: str, run_name: str) -> Path:
+    """Resolve ``resume-from``: ``latest``, a run folder, or a checkpoint file.
+
+    ``latest`` means the newest checkpoint of run ``run-name`` if one is named, else of the
+    most recently written run folder under the outputs root.
+    """
+    if resume_from == "latest":
+        root = outputs_root(outputs_dir)
+        if run_name:
+            candidates = [root / run_name]
+        else:
+            candidates = sorted(
+                (d for d in root.glob("*") if (d / CHECKPOINTS).is_dir()),
+                key=lambda d: max(
+                    (f.stat().st_mtime for f in (d / CHECKPOINTS).glob("round-*.pt")), default=0
+                ),
+            )[-1:]
+        if not candidates:
+            raise FileNotFoundError(f"resume-from = 'latest': no run with checkpoints under {root}")
+        target = candidates[0]
+    else:
+        target = Path(resume_from).expanduser().resolve()
+    if target.is_dir():
+        folder = target / CHECKPOINTS if (target / CHECKPOINTS).is_dir() else target
+        files = sorted(folder.glob("round-*.pt"))
+        if not files:
+            raise FileNotFoundError(f"resume-from: no round-*.pt checkpoint in {folder}")
+        return files[-1]
+    if not target.is_file():
+        raise FileNotFoundError(f"resume-from: {target} is neither a run folder nor a checkpoint")
+    return target
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """Load a checkpoint with torch's safe loader (tensors and plain containers only)."""
+    payload = torch.load(path, weights_only=True)
+    if payload.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(
+            f"{path}: checkpoint format {payload.get('format')}, expected {CHECKPOINT_FORMAT}"
+        )
+    return payload
+
+
+def rewrite_history(run_dir: Path, history: list[dict[str, Any]]) -> None:
+    """Make history.jsonl exactly the checkpoint's history (drops rounds a crash left after it)."""
+    tmp = run_dir / f".{HISTORY_JSONL}.tmp"
+    tmp.write_text("".join(json.dumps(r, default=str) + "\n" for r in history))
+    os.replace(tmp, run_dir / HISTORY_JSONL)

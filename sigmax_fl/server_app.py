@@ -1,36 +1,91 @@
 """sigmax-fl ServerApp: rounds of weighted FedAvg over the trading instances.
 
 Each round: send the global model to the sampled instances, screen and average their
-updates, have them score the new model on their validation rows, record the round.
+updates, have them score the new model on their validation rows, record the round, and
+checkpoint the server state so that a killed run resumes exactly where it stopped.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Context
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
+from sigmax_fl import runs
 from sigmax_fl.model import build_model
-from sigmax_fl.runs import HISTORY_JSON, append_history, create_run_dir, save_model, write_json
-from sigmax_fl.settings import Settings
-from sigmax_fl.strategy import Screened, WeightedFedAvg
+from sigmax_fl.settings import STOPPING_METRICS, Settings
+from sigmax_fl.strategy import Screened, WeightedFedAvg, as_numpy
 
 log = logging.getLogger(f"flwr.{__name__}")
 
 app = ServerApp()
 
+RESUME_MAY_CHANGE = {
+    "num-server-rounds",
+    "resume-from",
+    "round-timeout",
+    "wait-for-nodes-timeout",
+    "run-name",
+}
+"""Run-config keys a resumed run may set differently from the run it continues."""
 
-@dataclass
+
+@dataclass(frozen=True)
 class ServerState:
     """Everything the next round depends on (FedJAX style): a checkpoint is this object."""
 
     round: int
-    arrays: ArrayRecord
-    history: list[dict[str, Any]] = field(default_factory=list)
+    arrays: dict[str, np.ndarray]
+    best_round: int = 0
+    best_score: float | None = None
+    best_arrays: dict[str, np.ndarray] | None = None
+    stale_rounds: int = 0
+    rng: dict[str, Any] = field(default_factory=dict)
+    history: tuple[dict[str, Any], ...] = ()
+
+    def to_checkpoint(self, run_config: dict[str, Any]) -> dict[str, Any]:
+        def tensors(arrays: dict[str, np.ndarray] | None) -> dict[str, torch.Tensor]:
+            return {k: torch.from_numpy(np.array(v)) for k, v in (arrays or {}).items()}
+
+        return {
+            "round": self.round,
+            "arrays": tensors(self.arrays),
+            "best_round": self.best_round,
+            "best_score": self.best_score,
+            "best_arrays": tensors(self.best_arrays),
+            "stale_rounds": self.stale_rounds,
+            "rng": json.dumps(self.rng),
+            "history": json.dumps(list(self.history), default=str),
+            "run_config": json.dumps(run_config),
+        }
+
+    @classmethod
+    def from_checkpoint(cls, payload: dict[str, Any]) -> ServerState:
+        def arrays(tensors: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+            return {k: v.numpy() for k, v in tensors.items()}
+
+        return cls(
+            round=int(payload["round"]),
+            arrays=arrays(payload["arrays"]),
+            best_round=int(payload["best_round"]),
+            best_score=payload["best_score"],
+            best_arrays=arrays(payload["best_arrays"]) or None,
+            stale_rounds=int(payload["stale_rounds"]),
+            rng=json.loads(payload["rng"]),
+            history=tuple(json.loads(payload["history"])),
+        )
+
+
+def _record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
 
 
 def _per_instance(train: list[Screened], evaluate: list[Screened]) -> dict[str, dict[str, Any]]:
@@ -43,7 +98,17 @@ def _per_instance(train: list[Screened], evaluate: list[Screened]) -> dict[str, 
                 "accepted": s.ok,
                 **({"reason": s.reason} if s.reason else {}),
             }
+            if phase == "train":
+                entry[phase].update(update_norm=s.norm, weight=s.weight, bytes=s.payload_bytes)
     return out
+
+
+def _improved(score: float | None, best: float | None, metric: str) -> bool:
+    if score is None or not np.isfinite(score):
+        return False
+    if best is None:
+        return True
+    return score < best if STOPPING_METRICS[metric] == "min" else score > best
 
 
 def run_round(
@@ -52,42 +117,59 @@ def run_round(
     """One federated round; returns the next state, leaving the given one untouched."""
     server_round = state.round + 1
     started = time.monotonic()
+    sent = _record(state.arrays)
 
     # Train: send the global model, screen and average the replies
     train_replies = grid.send_and_receive(
-        strategy.configure_train(server_round, state.arrays, ConfigRecord(), grid),
+        strategy.configure_train(server_round, sent, ConfigRecord(), grid),
         timeout=settings.round_timeout,
     )
     new_arrays, train_metrics = strategy.aggregate_train(server_round, train_replies)
-    arrays = new_arrays if new_arrays is not None else state.arrays
+    arrays = state.arrays if new_arrays is None else {k: as_numpy(a) for k, a in new_arrays.items()}
 
     # Evaluate: every sampled instance scores the new global model on its validation rows
     evaluate_replies = grid.send_and_receive(
-        strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid),
+        strategy.configure_evaluate(server_round, _record(arrays), ConfigRecord(), grid),
         timeout=settings.round_timeout,
     )
-    evaluate_metrics = strategy.aggregate_evaluate(server_round, evaluate_replies)
+    evaluate_metrics = dict(strategy.aggregate_evaluate(server_round, evaluate_replies) or {})
+
+    # Keep the best round by the validation metric (early stopping restores it)
+    score = evaluate_metrics.get(settings.early_stopping_metric)
+    better = _improved(score, state.best_score, settings.early_stopping_metric)
 
     # Record the round
     record = {
         "round": server_round,
         "seconds": round(time.monotonic() - started, 3),
         "skipped": new_arrays is None,
+        "bytes_sent": strategy.last_sent_bytes,
         "train": dict(train_metrics or {}),
-        "evaluate": dict(evaluate_metrics or {}),
+        "evaluate": evaluate_metrics,
         "instances": _per_instance(strategy.last_train, strategy.last_evaluate),
     }
-    return ServerState(server_round, arrays, [*state.history, record])
+    return replace(
+        state,
+        round=server_round,
+        arrays=arrays,
+        best_round=server_round if better else state.best_round,
+        best_score=score if better else state.best_score,
+        best_arrays=arrays if better else state.best_arrays,
+        stale_rounds=0 if better else state.stale_rounds + 1,
+        rng=strategy.rng.bit_generator.state,
+        history=(*state.history, record),
+    )
 
 
-def _progress(record: dict[str, Any], total: int) -> str:
+def _progress(record: dict[str, Any], total: int, elapsed: float, done_here: int) -> str:
     train, evaluate = record["train"], record["evaluate"]
+    eta = elapsed / max(done_here, 1) * (total - record["round"])
 
     def fmt(value: object) -> str:
         return f"{value:.6g}" if isinstance(value, float) else "n/a"
 
     return (
-        f"round {record['round']}/{total} ({record['seconds']:.1f}s): "
+        f"round {record['round']}/{total} elapsed {elapsed:.1f}s ETA {eta:.0f}s: "
         f"train_loss={fmt(train.get('train_loss'))} val_loss={fmt(evaluate.get('val_loss'))} "
         f"hit_rate={fmt(evaluate.get('hit_rate'))} ic={fmt(evaluate.get('ic'))} "
         f"replies ok={train.get('replies-ok', 0)} rejected={train.get('replies-rejected', 0)}"
@@ -95,28 +177,113 @@ def _progress(record: dict[str, Any], total: int) -> str:
     )
 
 
+def _start(settings: Settings, context: Context) -> tuple[Path, ServerState]:
+    """A fresh run folder and initial model, or the folder and state of the run resumed."""
+    if settings.resume_from:
+        checkpoint = runs.find_checkpoint(
+            settings.resume_from, settings.outputs_dir, settings.run_name
+        )
+        payload = runs.read_checkpoint(checkpoint)
+        before = json.loads(payload["run_config"])
+        now = settings.to_run_config()
+        changed = sorted(k for k in now if k not in RESUME_MAY_CHANGE and before.get(k) != now[k])
+        if changed:
+            raise ValueError(
+                f"resume-from {checkpoint}: run-config keys {changed} differ from the run "
+                f"being resumed ({ {k: before.get(k) for k in changed} }); a resumed run "
+                "must train the same way"
+            )
+        state = ServerState.from_checkpoint(payload)
+        run_dir = checkpoint.parent.parent
+        runs.rewrite_history(run_dir, list(state.history))
+        log.info("sigmax-fl: resuming %s after round %d", run_dir, state.round)
+        return run_dir, state
+    run_dir = runs.create_run_dir(settings.outputs_dir, settings.run_name, context.run_id)
+    model = build_model(settings.model, seed=settings.seed)
+    arrays = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+    return run_dir, ServerState(round=0, arrays=arrays)
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Run ``num-server-rounds`` rounds and write the model and history to the run folder."""
+    """Run the rounds, checkpointing each, and write model, history and summary."""
     settings = Settings.from_run_config(context.run_config)
-    run_dir = create_run_dir(settings.outputs_dir, settings.run_name, context.run_id)
-    write_json(run_dir / "run_config.json", settings.to_run_config())
+    run_dir, state = _start(settings, context)
+    runs.write_json(run_dir / "run_config.json", settings.to_run_config())
     log.info("sigmax-fl: outputs of this run go to %s", run_dir)
 
-    model = build_model(settings.model, seed=settings.seed)
     strategy = WeightedFedAvg(
+        defences=settings.defences(),
+        wait_for_nodes_timeout=settings.wait_for_nodes_timeout,
         fraction_train=settings.fraction_train,
         fraction_evaluate=settings.fraction_evaluate,
         min_train_nodes=settings.min_train_nodes,
         min_evaluate_nodes=settings.min_train_nodes,
         min_available_nodes=settings.min_available_nodes,
+        seed=settings.seed,
     )
-    state = ServerState(round=0, arrays=ArrayRecord(model.state_dict()))
+    if state.rng:
+        strategy.rng.bit_generator.state = state.rng
+
+    started, first_round = time.monotonic(), state.round
+    stopped_early = False
     while state.round < settings.num_server_rounds:
         state = run_round(state, strategy, grid, settings)
-        append_history(run_dir, state.history[-1])
-        log.info("sigmax-fl: %s", _progress(state.history[-1], settings.num_server_rounds))
+        record = state.history[-1]
+        runs.write_checkpoint(
+            run_dir,
+            state.round,
+            state.to_checkpoint(settings.to_run_config()),
+            settings.keep_checkpoints,
+        )
+        runs.append_history(run_dir, record)
+        runs.append_jsonl(
+            run_dir / runs.AUDIT_JSONL, [s.audit(state.round) for s in strategy.last_train]
+        )
+        log.info(
+            "sigmax-fl: %s",
+            _progress(
+                record,
+                settings.num_server_rounds,
+                time.monotonic() - started,
+                state.round - first_round,
+            ),
+        )
+        if (
+            settings.early_stopping_patience
+            and state.stale_rounds >= settings.early_stopping_patience
+        ):
+            log.info(
+                "sigmax-fl: early stop after round %d: %s has not improved for %d rounds",
+                state.round,
+                settings.early_stopping_metric,
+                state.stale_rounds,
+            )
+            stopped_early = True
+            break
 
-    write_json(run_dir / HISTORY_JSON, state.history)
-    path = save_model(run_dir, state.arrays.to_torch_state_dict())
-    log.info("sigmax-fl: final model %s, history %s", path, run_dir / HISTORY_JSON)
+    final = (
+        state.best_arrays
+        if settings.early_stopping_patience and state.best_arrays
+        else state.arrays
+    )
+    runs.write_json(run_dir / runs.HISTORY_JSON, list(state.history))
+    path = runs.save_model(run_dir, {k: torch.from_numpy(np.array(v)) for k, v in final.items()})
+    summary = {
+        "rounds_run": state.round,
+        "stopped_early": stopped_early,
+        "best_round": state.best_round,
+        "best_metric": settings.early_stopping_metric,
+        "best_value": state.best_score,
+        "final_model_round": state.best_round if final is state.best_arrays else state.round,
+        "final_model": str(path),
+    }
+    runs.write_json(run_dir / "summary.json", summary)
+    log.info(
+        "sigmax-fl: best round %d (%s=%s); final model %s",
+        state.best_round,
+        settings.early_stopping_metric,
+        state.best_score,
+        path,
+    )
+    log.info("sigmax-fl: history %s", run_dir / runs.HISTORY_JSON)

@@ -13,7 +13,11 @@ from typing import Any
 
 import pandas as pd
 
+from sigmax_fl.strategy import Defences
+
 OPTIMIZERS = ("adam", "sgd")
+STOPPING_METRICS = {"val_loss": "min", "ic": "max", "rank_ic": "max", "hit_rate": "max"}
+"""Aggregated validation metrics early stopping can watch, and which way is better."""
 DATA_POLICIES = ("strict", "repair")
 
 
@@ -59,6 +63,19 @@ class Settings:
     val_end: str = "2019-03-31"
     outputs_dir: str = ""
     run_name: str = ""
+    keep_checkpoints: int = 3
+    resume_from: str = ""
+    early_stopping_patience: int = 0
+    early_stopping_metric: str = "val_loss"
+    wait_for_nodes_timeout: float = 300.0
+    min_train_replies: int = 1
+    aggregation: str = "weighted-fedavg"
+    max_update_norm: float = 0.0
+    max_update_norm_ratio: float = 3.0
+    update_norm_policy: str = "reject"
+    max_examples_per_node: int = 10_000_000
+    max_weight_share: float = 0.5
+    share_instance_metrics: bool = True
 
     def __post_init__(self) -> None:
         positive = (
@@ -95,6 +112,45 @@ class Settings:
                 _bad(name, getattr(self, name), "a date such as '2018-09-30'")
         if pd.Timestamp(self.train_end) >= pd.Timestamp(self.val_end):
             _bad("val_end", self.val_end, f"a date after train-end ({self.train_end})")
+        for name in ("keep_checkpoints", "early_stopping_patience", "min_train_replies"):
+            if getattr(self, name) < 0:
+                _bad(name, getattr(self, name), "an integer >= 0")
+        if self.early_stopping_metric not in STOPPING_METRICS:
+            _bad(
+                "early_stopping_metric",
+                self.early_stopping_metric,
+                f"one of {sorted(STOPPING_METRICS)}",
+            )
+        if not self.wait_for_nodes_timeout > 0:
+            _bad(
+                "wait_for_nodes_timeout",
+                self.wait_for_nodes_timeout,
+                "a positive number of seconds",
+            )
+        if self.max_update_norm < 0 or not self.max_update_norm_ratio > 0:
+            _bad(
+                "max_update_norm",
+                self.max_update_norm,
+                "a bound >= 0 (0: adaptive) and a ratio > 0",
+            )
+        if self.max_examples_per_node < 1:
+            _bad("max_examples_per_node", self.max_examples_per_node, "an integer >= 1")
+        try:
+            self.defences()
+        except ValueError as err:
+            raise ConfigError(f"run-config: {err}") from None
+
+    def defences(self) -> Defences:
+        """The strategy's screening and aggregation settings."""
+        return Defences(
+            aggregation=self.aggregation,
+            max_update_norm=self.max_update_norm,
+            max_update_norm_ratio=self.max_update_norm_ratio,
+            update_norm_policy=self.update_norm_policy,
+            max_examples_per_node=self.max_examples_per_node,
+            max_weight_share=self.max_weight_share,
+            min_train_replies=self.min_train_replies,
+        )
 
     @classmethod
     def from_run_config(cls, config: Mapping[str, Any]) -> Settings:
@@ -106,10 +162,12 @@ class Settings:
         values: dict[str, Any] = {}
         for key, value in config.items():
             f = by_key[key]
-            expected = {"int": int, "float": float, "str": str}[str(f.type)]
+            expected = {"int": int, "float": float, "str": str, "bool": bool}[str(f.type)]
             if expected is float and isinstance(value, int) and not isinstance(value, bool):
                 value = float(value)
-            if not isinstance(value, expected) or isinstance(value, bool):
+            if not isinstance(value, expected) or (
+                isinstance(value, bool) and expected is not bool
+            ):
                 raise ConfigError(
                     f"run-config '{key}' = {value!r}: expected {expected.__name__}, "
                     f"got {type(value).__name__}"

@@ -3,18 +3,43 @@
 global = sum_k (n_k / n_total) * w_k over the replies that pass screening, accumulated in
 float64. Flower's stock FedAvg raises for the whole round when one reply is inconsistent; here
 one bad instance is left out, logged with its instance id and the reason, and counted.
+
+Screening, in order, each step seeing only what passed the one before:
+
+1. structure: an error reply, no positive integer ``num-examples``, arrays whose names,
+   shapes or dtypes differ from the model that was sent, NaN or Inf;
+2. plausibility: ``num-examples`` above ``max_examples_per_node``;
+3. update norm: ||w_k - w_global|| above an absolute bound, or above ``ratio`` times the
+   round's lower median norm (adaptive: a scaled or sign-flipped update stands out against
+   its peers); rejected, or clipped to the bound;
+4. quorum: fewer than ``min_train_replies`` usable replies skip the round.
+
+Then the weights n_k / n_total are capped at ``max_weight_share`` (the excess goes to the
+others in proportion to their weights) so that no instance dominates, and the average is
+taken by the chosen ``aggregation``.
 """
 
 from __future__ import annotations
 
 import io
 import logging
-from collections.abc import Iterable
+import time
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
 
 # A child of Flower's logger, so these lines reach `flwr log` and the run's stream.
 log = logging.getLogger(f"flwr.{__name__}")
@@ -22,6 +47,44 @@ log = logging.getLogger(f"flwr.{__name__}")
 WEIGHT_KEY = "num-examples"
 META_KEY = "meta"
 """ConfigRecord a sigmax-fl ClientApp adds to each reply, holding its ``instance-id``."""
+
+AGGREGATIONS = ("weighted-fedavg", "trimmed-mean", "median", "krum")
+NORM_POLICIES = ("reject", "clip")
+
+
+class NotEnoughNodesError(RuntimeError):
+    """Fewer SuperNodes connected than the round needs, after waiting the allowed time."""
+
+
+@dataclass(frozen=True)
+class Defences:
+    """What the server checks and how it averages; every aggregation keeps the screening."""
+
+    aggregation: str = "weighted-fedavg"
+    max_update_norm: float = 0.0
+    """Absolute bound on ||w_k - w_global||; 0 means adaptive (``max_update_norm_ratio``)."""
+    max_update_norm_ratio: float = 3.0
+    update_norm_policy: str = "reject"
+    max_examples_per_node: int = 10_000_000
+    max_weight_share: float = 0.5
+    min_train_replies: int = 1
+    trim_fraction: float = 0.2
+    krum_byzantine: int = 1
+
+    def __post_init__(self) -> None:
+        if self.aggregation not in AGGREGATIONS:
+            raise ValueError(
+                f"aggregation '{self.aggregation}': expected one of {list(AGGREGATIONS)}"
+            )
+        if self.update_norm_policy not in NORM_POLICIES:
+            raise ValueError(
+                f"update-norm-policy '{self.update_norm_policy}': "
+                f"expected one of {list(NORM_POLICIES)}"
+            )
+        if not 0 < self.max_weight_share <= 1:
+            raise ValueError(
+                f"max-weight-share {self.max_weight_share}: expected a share in (0, 1]"
+            )
 
 
 def as_numpy(array: Array) -> np.ndarray:
@@ -52,7 +115,7 @@ def instance_id(message: Message) -> str:
 
 @dataclass
 class Screened:
-    """One reply's verdict; ``arrays`` is filled only for accepted train replies."""
+    """One reply's verdict; ``arrays`` is filled only while an accepted update is averaged."""
 
     instance_id: str
     node_id: int
@@ -60,10 +123,34 @@ class Screened:
     reason: str = ""
     metrics: dict[str, float] = field(default_factory=dict)
     arrays: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+    update_norm: float = float("nan")
+    clip: float = 1.0
+    """Factor the update (w_k - w_global) was scaled by; 1 when not clipped."""
+    weight: float = 0.0
+    payload_bytes: int = 0
 
     @property
     def ok(self) -> bool:
         return not self.reason
+
+    @property
+    def norm(self) -> float | None:
+        """The update norm, or None when screening stopped before measuring it."""
+        return None if np.isnan(self.update_norm) else self.update_norm
+
+    def audit(self, server_round: int) -> dict[str, object]:
+        """One line of the audit log."""
+        decision = "rejected" if self.reason else "clipped" if self.clip < 1 else "accepted"
+        return {
+            "round": server_round,
+            "instance_id": self.instance_id,
+            "node_id": self.node_id,
+            "num_examples": self.num_examples,
+            "update_norm": self.norm,
+            "weight": self.weight,
+            "decision": decision,
+            "reason": self.reason or (f"norm clipped by {self.clip:.3g}" if self.clip < 1 else ""),
+        }
 
 
 def _metrics_of(message: Message) -> tuple[dict[str, float], str]:
@@ -98,6 +185,7 @@ def screen_train_reply(message: Message, reference: ArrayRecord) -> Screened:
         verdict.reason = f"expected one ArrayRecord, got {len(records)}"
         return verdict
     arrays = next(iter(records.values()))
+    verdict.payload_bytes = arrays.count_bytes()
     if list(arrays.keys()) != list(reference.keys()):
         missing = sorted(set(reference.keys()) - set(arrays.keys()))
         extra = sorted(set(arrays.keys()) - set(reference.keys()))
@@ -130,16 +218,113 @@ def screen_train_reply(message: Message, reference: ArrayRecord) -> Screened:
     return verdict
 
 
-def weighted_average(accepted: list[Screened], reference: ArrayRecord) -> ArrayRecord:
-    """sum_k (n_k / n_total) * w_k, accumulated in float64, returned in the model's dtypes."""
-    total = float(sum(s.num_examples for s in accepted))
-    out: dict[str, Array] = {}
+def update_norm(arrays: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> float:
+    """||w_k - w_global||_2 over all arrays, in float64."""
+    total = 0.0
     for name, ref in reference.items():
-        acc = np.zeros(tuple(ref.shape), dtype=np.float64)
-        for s in accepted:
-            acc += (s.num_examples / total) * s.arrays[name]
-        out[name] = Array(acc.astype(np.dtype(ref.dtype)))
-    return ArrayRecord(out)
+        delta = arrays[name].astype(np.float64) - ref
+        total += float(np.dot(delta.ravel(), delta.ravel()))
+    return float(np.sqrt(total))
+
+
+def norm_bound(norms: list[float], defences: Defences) -> float:
+    """The round's bound: absolute, else ``ratio`` x the lower median of the norms.
+
+    The *lower* median keeps the bound meaningful with two replies, where the plain median
+    would sit halfway to an attacker's huge norm and let it through.
+    """
+    if defences.max_update_norm > 0:
+        return defences.max_update_norm
+    ordered = sorted(norms)
+    return defences.max_update_norm_ratio * ordered[(len(ordered) - 1) // 2]
+
+
+def capped_shares(examples: list[int], max_share: float) -> np.ndarray:
+    """n_k / n_total with no share above ``max_share``; the excess goes to the uncapped.
+
+    Water-filling: cap the largest, hand the excess to the others in proportion to their
+    examples, repeat. When the cap cannot be met (fewer than 1 / max_share replies), every
+    reply gets an equal share, the closest feasible weighting.
+    """
+    n = np.asarray(examples, dtype=np.float64)
+    if len(n) * max_share < 1:
+        return np.full(len(n), 1.0 / len(n))
+    shares = n / n.sum()
+    capped = np.zeros(len(n), dtype=bool)
+    while (over := (shares > max_share + 1e-12) & ~capped).any():
+        capped |= over
+        free = 1.0 - max_share * capped.sum()
+        shares = np.where(capped, max_share, free * n / n[~capped].sum())
+    return shares
+
+
+def _krum_index(models: list[np.ndarray], byzantine: int) -> int:
+    """Krum: the model whose n - f - 2 nearest neighbours are closest (Blanchard et al. 2017)."""
+    stacked = np.stack(models)
+    sq = np.sum(stacked**2, axis=1)
+    dist = np.maximum(sq[:, None] + sq[None, :] - 2 * stacked @ stacked.T, 0)
+    k = max(len(models) - byzantine - 2, 1)
+    scores = [np.sort(np.delete(row, i))[:k].sum() for i, row in enumerate(dist)]
+    return int(np.argmin(scores))
+
+
+def aggregate(
+    accepted: list[Screened], reference: dict[str, np.ndarray], defences: Defences
+) -> dict[str, np.ndarray]:
+    """The new global arrays (float64) from screened, weighted, possibly clipped updates.
+
+    Each update enters as w_global + clip_k * (w_k - w_global), so clipping bounds an
+    instance's influence without changing what an unclipped instance contributes.
+    """
+    method = defences.aggregation
+    if method == "weighted-fedavg":
+        out = {}
+        for name, ref in reference.items():
+            acc = np.zeros(ref.shape, dtype=np.float64)
+            for s in accepted:
+                # np.float64, not a Python float: float32 * float stays float32 (NEP 50).
+                coef = np.float64(s.weight * s.clip)
+                acc += coef * s.arrays[name]
+                if s.clip < 1:
+                    acc += (s.weight - coef) * ref
+            out[name] = acc
+        return out
+
+    def models(name: str) -> np.ndarray:
+        ref = reference[name]
+        return np.stack([ref + s.clip * (s.arrays[name] - ref) for s in accepted])
+
+    if method == "median":
+        return {name: np.median(models(name), axis=0) for name in reference}
+    if method == "trimmed-mean":
+        return {name: trim_mean(models(name), defences.trim_fraction) for name in reference}
+    flat = [
+        np.concatenate(
+            [(ref + s.clip * (s.arrays[n] - ref)).ravel() for n, ref in reference.items()]
+        )
+        for s in accepted
+    ]
+    chosen = accepted[_krum_index(flat, defences.krum_byzantine)]
+    return {n: ref + chosen.clip * (chosen.arrays[n] - ref) for n, ref in reference.items()}
+
+
+def weighted_average(
+    models: Sequence[Mapping[str, np.ndarray]],
+    examples: Sequence[int],
+    max_weight_share: float = 1.0,
+) -> dict[str, np.ndarray]:
+    """The SIGMAX formula on plain arrays, for code that averages without Flower (``compare``).
+
+    Same weights and the same accumulation as a round of :class:`WeightedFedAvg` in which
+    every reply passed screening.
+    """
+    shares = capped_shares(list(examples), max_weight_share)
+    accepted = [
+        Screened(f"model-{i}", i, int(n), arrays=dict(m), weight=float(w))
+        for i, (m, n, w) in enumerate(zip(models, examples, shares, strict=True))
+    ]
+    reference = {name: np.zeros(a.shape, np.float64) for name, a in models[0].items()}
+    return aggregate(accepted, reference, Defences(max_weight_share=max_weight_share))
 
 
 def weighted_metrics(screened: list[Screened]) -> dict[str, float]:
@@ -162,50 +347,163 @@ def weighted_metrics(screened: list[Screened]) -> dict[str, float]:
     return out
 
 
+def _reject(s: Screened, reason: str, server_round: int) -> None:
+    s.reason = reason
+    s.arrays = {}
+    log.warning("round %d: rejected update from %s: %s", server_round, s.instance_id, reason)
+
+
 class WeightedFedAvg(FedAvg):
     """FedAvg weighted by ``num-examples``, with per-reply screening instead of all-or-nothing.
 
     After each ``aggregate_train`` / ``aggregate_evaluate``, :attr:`last_train` and
     :attr:`last_evaluate` hold every reply's verdict and metrics, keyed by instance id, for the
-    ServerApp's history.
+    ServerApp's history and audit log.
+
+    Parameters
+    ----------
+    defences : Defences
+        Screening bounds, weight cap, quorum and aggregation rule.
+    wait_for_nodes_timeout : float
+        Seconds to wait for ``min_available_nodes`` SuperNodes before a round fails with
+        :class:`NotEnoughNodesError` (Flower's own sampling waits forever).
+    seed : int, optional
+        Seeds the node sampling; its state is part of the server's checkpoint.
+    **kwargs
+        Passed to :class:`flwr.serverapp.strategy.FedAvg` (fractions, minimum nodes).
     """
 
-    def __init__(self, **kwargs: object) -> None:
+    def __init__(
+        self,
+        defences: Defences | None = None,
+        wait_for_nodes_timeout: float = 300.0,
+        seed: int | None = None,
+        **kwargs: object,
+    ) -> None:
         super().__init__(**kwargs)  # type: ignore[arg-type]
+        self.defences = defences or Defences()
+        self.rng = np.random.default_rng(seed)
+        self.wait_for_nodes_timeout = wait_for_nodes_timeout
         self._sent: ArrayRecord | None = None
         self.last_train: list[Screened] = []
         self.last_evaluate: list[Screened] = []
+        self.last_sent_bytes = 0
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid):
+    def _sample(self, grid: Grid, fraction: float, minimum: int) -> list[int]:
+        """Wait (bounded) for enough nodes, then sample ``fraction``, at least ``minimum``."""
+        deadline = time.monotonic() + self.wait_for_nodes_timeout
+        while True:
+            nodes = sorted(grid.get_node_ids())
+            needed = max(self.min_available_nodes, minimum)
+            if len(nodes) >= needed:
+                break
+            if time.monotonic() > deadline:
+                raise NotEnoughNodesError(
+                    f"{len(nodes)} SuperNode(s) connected, {needed} needed "
+                    f"(min-available-nodes / min-train-nodes) after waiting "
+                    f"{self.wait_for_nodes_timeout:.0f} s (wait-for-nodes-timeout)"
+                )
+            log.info("waiting for SuperNodes: %d connected, %d needed", len(nodes), needed)
+            time.sleep(1.0)
+        size = min(len(nodes), max(int(len(nodes) * fraction), minimum))
+        # Sample positions, not ids: node ids are uint64 and numpy would turn them into floats.
+        picked = self.rng.choice(len(nodes), size=size, replace=False)
+        return [nodes[i] for i in sorted(picked)]
+
+    def _messages(
+        self, arrays: ArrayRecord, config: ConfigRecord, nodes: list[int], kind: str
+    ) -> list[Message]:
+        content = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+        return [Message(content=content, message_type=kind, dst_node_id=node) for node in nodes]
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         # Remember what was sent: replies are checked against exactly this model.
         self._sent = arrays
-        return super().configure_train(server_round, arrays, config, grid)
+        if self.fraction_train == 0.0:
+            return []
+        nodes = self._sample(grid, self.fraction_train, self.min_train_nodes)
+        config["server-round"] = server_round
+        self.last_sent_bytes = arrays.count_bytes() * len(nodes)
+        log.info("round %d: training on %d node(s)", server_round, len(nodes))
+        return self._messages(arrays, config, nodes, MessageType.TRAIN)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        if self.fraction_evaluate == 0.0:
+            return []
+        nodes = self._sample(grid, self.fraction_evaluate, self.min_evaluate_nodes)
+        config["server-round"] = server_round
+        self.last_sent_bytes += arrays.count_bytes() * len(nodes)
+        return self._messages(arrays, config, nodes, MessageType.EVALUATE)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         if self._sent is None:
             raise RuntimeError("aggregate_train called before configure_train")
-        self.last_train = [screen_train_reply(m, self._sent) for m in replies]
-        accepted = [s for s in self.last_train if s.ok]
-        for s in self.last_train:
+        d = self.defences
+        screened = [screen_train_reply(m, self._sent) for m in replies]
+        # Sorted by instance: the float sum, hence the model, does not depend on arrival order.
+        screened.sort(key=lambda s: (s.instance_id, s.node_id))
+        self.last_train = screened
+        for s in screened:
             if not s.ok:
-                log.warning(
-                    "round %d: rejected update from %s: %s", server_round, s.instance_id, s.reason
+                _reject(s, s.reason, server_round)
+            elif s.num_examples > d.max_examples_per_node:
+                _reject(
+                    s,
+                    f"num-examples {s.num_examples} above max-examples-per-node "
+                    f"{d.max_examples_per_node} (implausible)",
+                    server_round,
                 )
-        counts = {
-            "replies-ok": len(accepted),
-            "replies-rejected": len(self.last_train) - len(accepted),
-        }
-        if not accepted:
+        reference = {name: as_numpy(a).astype(np.float64) for name, a in self._sent.items()}
+        accepted = [s for s in screened if s.ok]
+        for s in accepted:
+            s.update_norm = update_norm(s.arrays, reference)
+        if accepted:
+            bound = norm_bound([s.update_norm for s in accepted], d)
+            for s in accepted:
+                if s.update_norm > bound:
+                    if d.update_norm_policy == "clip":
+                        s.clip = bound / s.update_norm
+                    else:
+                        _reject(
+                            s,
+                            f"update norm {s.update_norm:.4g} above bound {bound:.4g}",
+                            server_round,
+                        )
+        accepted = [s for s in screened if s.ok]
+        counts = {"replies-ok": len(accepted), "replies-rejected": len(screened) - len(accepted)}
+        received = sum(s.payload_bytes for s in screened)
+        if len(accepted) < max(d.min_train_replies, 1):
             log.warning(
-                "round %d: no usable update; global model kept (round skipped)", server_round
+                "round %d: %d usable update(s), min-train-replies is %d; global model kept "
+                "(round skipped)",
+                server_round,
+                len(accepted),
+                d.min_train_replies,
             )
-            return None, MetricRecord(counts)
-        arrays = weighted_average(accepted, self._sent)
+            return None, MetricRecord({**counts, "bytes-received": received})
+        for s, share in zip(
+            accepted,
+            capped_shares([s.num_examples for s in accepted], d.max_weight_share),
+            strict=True,
+        ):
+            s.weight = float(share)
+        averaged = aggregate(accepted, reference, d)
+        arrays = ArrayRecord(
+            {
+                name: Array(averaged[name].astype(np.dtype(ref.dtype)))
+                for name, ref in self._sent.items()
+            }
+        )
         for s in accepted:
             s.arrays = {}  # the views pin reply buffers; the average no longer needs them
-        return arrays, MetricRecord({**weighted_metrics(accepted), **counts})
+        metrics = {**weighted_metrics(accepted), **counts, "bytes-received": received}
+        return arrays, MetricRecord(metrics)
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
@@ -226,6 +524,7 @@ class WeightedFedAvg(FedAvg):
                     verdict.reason,
                 )
             self.last_evaluate.append(verdict)
+        self.last_evaluate.sort(key=lambda s: (s.instance_id, s.node_id))
         accepted = [s for s in self.last_evaluate if s.ok]
         if not accepted:
             return None

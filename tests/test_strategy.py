@@ -10,7 +10,14 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRec
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.task_identity import TaskIdentity
 
-from sigmax_fl.strategy import META_KEY, WeightedFedAvg, as_numpy
+from sigmax_fl.strategy import (
+    META_KEY,
+    Defences,
+    WeightedFedAvg,
+    as_numpy,
+    capped_shares,
+    weighted_average,
+)
 
 SHAPES = {"w": (3, 2), "b": (2,)}
 
@@ -49,8 +56,9 @@ def error_reply(node: int) -> Message:
     return Message(Error(code=0, reason="ClientApp raised"), reply_to=sent)
 
 
-def aggregate(replies: list[Message], glob: ArrayRecord | None = None) -> tuple:
-    strategy = WeightedFedAvg()
+def aggregate(replies: list[Message], glob: ArrayRecord | None = None, **defences: object) -> tuple:
+    # The pure SIGMAX formula: no weight cap unless a test asks for one.
+    strategy = WeightedFedAvg(defences=Defences(**{"max_weight_share": 1.0, **defences}))
     strategy._sent = glob if glob is not None else record(arrays(0))
     return strategy.aggregate_train(1, replies), strategy
 
@@ -188,3 +196,145 @@ def test_evaluate_metrics_weighted_and_nan_tolerant() -> None:
     assert metrics["ic"] == pytest.approx(0.2)  # the NaN instance is left out of IC only
     assert metrics["replies-ok"] == 2
     assert [s.ok for s in strategy.last_evaluate] == [True, True, False]
+
+
+def scaled(
+    base: dict[str, np.ndarray], glob: dict[str, np.ndarray], factor: float
+) -> dict[str, np.ndarray]:
+    """glob + factor * (base - glob): an update blown up (or flipped) by ``factor``."""
+    return {k: (glob[k] + factor * (base[k] - glob[k])).astype(np.float32) for k in base}
+
+
+def near(glob: dict[str, np.ndarray], seed: int, scale: float = 0.01) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {k: (v + scale * rng.normal(size=v.shape)).astype(np.float32) for k, v in glob.items()}
+
+
+@pytest.mark.parametrize("factor", [1e6, -100.0])
+def test_adaptive_norm_bound_rejects_scaled_and_flipped_updates(factor: float) -> None:
+    glob = arrays(0)
+    honest = [near(glob, s) for s in range(1, 5)]
+    attacker = scaled(near(glob, 9), glob, factor)
+    replies = [reply(i, a, {"num-examples": 100}) for i, a in enumerate([*honest, attacker])]
+    (result, metrics), strategy = aggregate(replies, record(glob))
+    assert metrics["replies-rejected"] == 1
+    bad = next(s for s in strategy.last_train if not s.ok)
+    assert bad.instance_id == "inst-4" and "update norm" in bad.reason
+    expected = {k: np.mean([h[k].astype(np.float64) for h in honest], axis=0) for k in glob}
+    for k in glob:
+        np.testing.assert_allclose(result[k].numpy(), expected[k], atol=1e-6)
+
+
+def test_two_replies_lower_median_still_catches_the_attacker() -> None:
+    glob = arrays(0)
+    replies = [
+        reply(0, near(glob, 1), {"num-examples": 100}),
+        reply(1, scaled(near(glob, 2), glob, 1e6), {"num-examples": 100}),
+    ]
+    (_, metrics), strategy = aggregate(replies, record(glob))
+    assert metrics["replies-ok"] == 1 and [s.ok for s in strategy.last_train] == [True, False]
+
+
+def test_clip_policy_bounds_influence() -> None:
+    glob = arrays(0)
+    big = scaled(near(glob, 5), glob, 50.0)
+    replies = [reply(i, near(glob, i + 1), {"num-examples": 100}) for i in range(3)]
+    replies.append(reply(3, big, {"num-examples": 100}))
+    (result, metrics), strategy = aggregate(
+        replies, record(glob), update_norm_policy="clip", max_update_norm=0.05
+    )
+    assert metrics["replies-rejected"] == 0
+    for s in strategy.last_train:
+        assert s.clip * s.update_norm <= 0.05 + 1e-9
+    delta = np.sqrt(
+        sum(np.sum((result[k].numpy().astype(np.float64) - glob[k]) ** 2) for k in glob)
+    )
+    assert delta <= 0.05 + 1e-6  # a mean of clipped updates cannot move further than the bound
+
+
+def test_implausible_num_examples_rejected() -> None:
+    glob = arrays(0)
+    replies = [
+        reply(0, near(glob, 1), {"num-examples": 100}),
+        reply(1, near(glob, 2), {"num-examples": 10**9}),
+    ]
+    (_, metrics), strategy = aggregate(replies, record(glob), max_examples_per_node=1_000_000)
+    assert (
+        metrics["replies-rejected"] == 1
+        and "max-examples-per-node" in strategy.last_train[1].reason
+    )
+
+
+def test_weight_cap_redistributes_excess() -> None:
+    shares = capped_shares([100, 100, 800], 0.5)
+    np.testing.assert_allclose(shares, [0.25, 0.25, 0.5])
+    np.testing.assert_allclose(capped_shares([10, 20, 30, 40], 0.5), [0.1, 0.2, 0.3, 0.4])
+    np.testing.assert_allclose(capped_shares([1, 99], 0.4), [0.5, 0.5])  # infeasible -> equal
+    cascade = capped_shares([1, 1, 50, 60], 0.3)
+    assert cascade.max() <= 0.3 + 1e-12 and cascade.sum() == pytest.approx(1.0)
+
+
+def test_default_cap_applies_inside_the_strategy() -> None:
+    glob = arrays(0)
+    models = [near(glob, 1), near(glob, 2)]
+    replies = [
+        reply(0, models[0], {"num-examples": 100}),
+        reply(1, models[1], {"num-examples": 900}),
+    ]
+    strategy = WeightedFedAvg()  # default max-weight-share 0.5
+    strategy._sent = record(glob)
+    result, _ = strategy.aggregate_train(1, replies)
+    for k in glob:
+        expected = 0.5 * models[0][k].astype(np.float64) + 0.5 * models[1][k]
+        np.testing.assert_allclose(result[k].numpy(), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["median", "trimmed-mean", "krum"])
+def test_robust_aggregations_ignore_one_outlier(method: str) -> None:
+    glob = arrays(0)
+    honest = [near(glob, s) for s in range(1, 6)]
+    outlier = scaled(near(glob, 9), glob, 20.0)
+    replies = [reply(i, a, {"num-examples": 100}) for i, a in enumerate([*honest, outlier])]
+    # An absolute bound loose enough to let the outlier through: only the rule protects.
+    (result, _), _ = aggregate(
+        replies, record(glob), aggregation=method, max_update_norm=1e9, trim_fraction=0.2
+    )
+    for k in glob:
+        lo = np.min([h[k] for h in honest], axis=0) - 1e-6
+        hi = np.max([h[k] for h in honest], axis=0) + 1e-6
+        assert ((result[k].numpy() >= lo) & (result[k].numpy() <= hi)).all()
+
+
+def test_quorum_skips_round() -> None:
+    glob = arrays(0)
+    replies = [reply(0, near(glob, 1), {"num-examples": 100}), error_reply(1)]
+    (result, metrics), _ = aggregate(replies, record(glob), min_train_replies=2)
+    assert result is None and metrics["replies-ok"] == 1
+
+
+def test_audit_lines_name_instance_norm_and_decision() -> None:
+    glob = arrays(0)
+    replies = [reply(i, near(glob, i + 1), {"num-examples": 100}) for i in range(3)]
+    replies.append(BAD_REPLIES["NaN"](7))
+    _, strategy = aggregate(replies, record(glob))
+    audit = [s.audit(3) for s in strategy.last_train]
+    assert [a["decision"] for a in audit] == ["accepted"] * 3 + ["rejected"]
+    assert all(a["round"] == 3 and a["update_norm"] > 0 for a in audit[:3])
+    assert audit[3]["instance_id"] == "inst-7" and "NaN" in audit[3]["reason"]
+
+
+def test_reply_order_does_not_change_the_model() -> None:
+    glob = arrays(0)
+    replies = [reply(i, near(glob, i + 1), {"num-examples": 37 * (i + 1)}) for i in range(5)]
+    (first, _), _ = aggregate(replies, record(glob))
+    (second, _), _ = aggregate(replies[::-1], record(glob))
+    for k in glob:
+        assert first[k].numpy().tobytes() == second[k].numpy().tobytes()
+
+
+def test_pure_weighted_average_matches_formula() -> None:
+    models = [arrays(1), arrays(2)]
+    out = weighted_average(models, [1, 3])
+    for k in SHAPES:
+        expected = 0.25 * models[0][k].astype(np.float64) + 0.75 * models[1][k].astype(np.float64)
+        np.testing.assert_allclose(out[k], expected, rtol=1e-12)

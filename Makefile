@@ -1,0 +1,35 @@
+# sigmax-fl: `make run` trains on the bundled data, `make test` runs the suite.
+# Every target sets up .venv first if it is missing or older than pyproject.toml.
+
+VENV ?= .venv
+PYTHON ?= python3
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# Simulated instances for `make run`: one per entry of data-sources.
+ARGS ?=
+
+.PHONY: setup run test lint bench compare deploy-local attacks clean
+
+# torch is installed first and pinned: 2.13.0 is the CPU wheel this machine carries;
+# a looser requirement lets pip pull a CUDA build of several GB.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+run: $(STAMP)
+	$(PY) -m sigmax_fl.deploy.simulate $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m ruff check sigmax_fl tests
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(PY) -m ruff check sigmax_fl tests
+	$(PY) -m ruff format --check sigmax_fl tests
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache
