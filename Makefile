@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 run: $(STAMP)
-	$(PY) -m sigmax_fl.deploy.simulate $(ARGS)
+	$(PY) -m sigmax_fl.simulate $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m ruff check sigmax_fl tests

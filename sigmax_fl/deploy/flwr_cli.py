@@ -1,0 +1,710 @@
+"""Drive Flower 1.42's own executables: SuperLink, SuperNodes and the ``flwr`` CLI.
+
+Everything here shells out to the commands a user would type, so what the tests
+and ``make deploy-local`` exercise is Flower's supported interface, not its
+internals. Facts of Flower 1.42 this module depends on (verified by running it):
+
+* ``flwr`` reads connections only from ``$FLWR_HOME/config.toml``
+  (``[superlink] default = NAME`` and ``[superlink.NAME]`` tables with
+  ``address`` and ``insecure = true`` or ``root-certificates = "/abs/ca.crt"``);
+  a private ``FLWR_HOME`` keeps the user's ``~/.flwr`` and other runs out.
+* ``options.*`` in a connection is deprecated in 1.42 (``flwr run`` warns); the
+  number of simulated SuperNodes and their resources go per run through
+  ``flwr run --federation-config "num-supernodes=N client-resources-num-cpus=1"``.
+* The SuperLink and SuperNode start helpers by bare name (``flower-superexec``,
+  ``flwr-serverapp``, ``flwr-simulation``, ``flwr-clientapp``): the directory of
+  the running interpreter must be on ``PATH`` or the SuperLink dies at startup
+  with ``FileNotFoundError: 'flower-superexec'``.
+* The SuperLink installs each app's dependencies with ``uv sync`` unless
+  ``--disable-runtime-dependency-installation`` (and the environment variable
+  ``FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1``) turn it off.
+* Simulated ClientApps import from the SuperLink's working directory: it is
+  started in an empty directory so stale project code cannot shadow the app.
+* ``--format json`` makes ``flwr`` print one JSON document, but a failure is
+  reported as ``{"success": false, "error-message": ...}`` with exit status 0,
+  and ``flwr run`` exits 0 for a run that later fails: both are checked here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+from sigmax_fl.deploy.credentials import Credentials
+from sigmax_fl.deploy.processes import ManagedProcess, ProcessError, Supervisor, free_port
+
+ConfigValue = bool | int | float | str
+"""Types Flower accepts in run config, node config and federation config."""
+
+FINISHED_OK = "finished:completed"
+"""Run status of a run whose ServerApp returned normally."""
+
+SUPERNODE_CONNECTED = "SuperNode ID:"
+"""Log line a SuperNode prints once the SuperLink has accepted it."""
+
+SUPERLINK_LISTENING = "Uvicorn running on"
+"""Log line the SuperLink prints once its HTTP APIs are bound."""
+
+_ADDRESS_IN_USE = re.compile(r"address already in use", re.IGNORECASE)
+_CONFIG_KEY = re.compile(r"^[A-Za-z0-9_.-]+$")
+_CONNECTION_NAME = re.compile(r"^[A-Za-z0-9_-]+$")  # a TOML bare key: no dots
+
+
+class FlwrError(RuntimeError):
+    """A ``flwr`` CLI command failed or a run did not finish as required."""
+
+
+def flower_executable(name: str) -> str:
+    """Return the absolute path of a Flower console script.
+
+    The interpreter's own ``bin`` directory comes first so the Flower of this
+    virtual environment is used even when it is not activated.
+
+    Raises
+    ------
+    FlwrError
+        If the script is not installed.
+    """
+    found = shutil.which(name, path=os.pathsep.join([_bin_dir(), os.environ.get("PATH", "")]))
+    if found is None:
+        raise FlwrError(f"{name} not found: install flwr[simulation]==1.42.* in this environment")
+    return found
+
+
+def _bin_dir() -> str:
+    # Not resolved: a venv's python is a symlink and its bin dir holds the scripts.
+    return str(Path(sys.executable).parent)
+
+
+def flower_env(flwr_home: Path) -> dict[str, str]:
+    """Return the environment for every Flower process and CLI call.
+
+    Parameters
+    ----------
+    flwr_home : Path
+        Private Flower home (CLI config, app cache, runtime environments).
+
+    Returns
+    -------
+    dict[str, str]
+        The current environment plus ``FLWR_HOME``, runtime dependency
+        installation off, telemetry and update checks off (no network here), and
+        this interpreter's ``bin`` directory first on ``PATH``.
+    """
+    env = dict(os.environ)
+    env.update(
+        {
+            "FLWR_HOME": str(flwr_home),
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            "FLWR_TELEMETRY_ENABLED": "0",
+            "FLWR_DISABLE_UPDATE_CHECK": "1",
+            "PATH": os.pathsep.join([_bin_dir(), env.get("PATH", "")]),
+        }
+    )
+    return env
+
+
+def format_config(values: Mapping[str, ConfigValue]) -> str:
+    """Encode a config mapping as Flower's ``"k1=v1 k2=v2"`` string.
+
+    Flower splits the string with the pattern ``key=('...'|"..."|non-space)`` and
+    parses each value as TOML. Strings become TOML literal strings (``'...'``,
+    no escapes, so paths with backslashes survive) or, if they contain a single
+    quote, basic strings with JSON-compatible escapes.
+
+    Parameters
+    ----------
+    values : Mapping[str, ConfigValue]
+        Keys (letters, digits, ``_``, ``-``, ``.``) to bool, int, float or str.
+
+    Returns
+    -------
+    str
+        The encoded string, for ``--run-config``, ``--node-config`` or
+        ``--federation-config``.
+
+    Raises
+    ------
+    ValueError
+        For a key or value that the format cannot carry: a string holding both
+        quote characters or a newline, or a non-finite float.
+    """
+    parts = []
+    for key, value in values.items():
+        if not _CONFIG_KEY.match(key):
+            raise ValueError(f"config key {key!r} must match {_CONFIG_KEY.pattern}")
+        if isinstance(value, bool):
+            encoded = "true" if value else "false"
+        elif isinstance(value, int):
+            encoded = str(value)
+        elif isinstance(value, float):
+            if value != value or value in (float("inf"), float("-inf")):
+                raise ValueError(f"config value of {key!r} must be finite, got {value}")
+            encoded = repr(value)
+        elif isinstance(value, str):
+            encoded = _toml_string(key, value)
+        else:
+            raise ValueError(f"config value of {key!r} must be bool, int, float or str")
+        parts.append(f"{key}={encoded}")
+    return " ".join(parts)
+
+
+def _toml_string(key: str, value: str) -> str:
+    if "\n" in value or "\r" in value:
+        raise ValueError(f"config value of {key!r} must be one line")
+    if "'" not in value:
+        return f"'{value}'"
+    if '"' not in value:
+        return json.dumps(value)
+    raise ValueError(f"config value of {key!r} cannot hold both ' and \"")
+
+
+def _parse_json_output(stdout: str, command: list[str]) -> dict[str, Any]:
+    """Parse the JSON document of ``--format json`` and check its ``success``."""
+    start = stdout.find("{")
+    try:
+        payload = json.loads(stdout[start:]) if start >= 0 else None
+    except json.JSONDecodeError:
+        payload = None
+    if not isinstance(payload, dict):
+        raise FlwrError(f"{' '.join(command)} printed no JSON document:\n{stdout}")
+    if not payload.get("success", False):
+        message = payload.get("error-message", stdout)
+        raise FlwrError(f"{' '.join(command)} failed: {message}")
+    return payload
+
+
+def _copy_lines(source: TextIO, sink: TextIO) -> None:
+    for line in source:
+        sink.write(line)
+        sink.flush()
+
+
+@dataclass(frozen=True)
+class SuperLink:
+    """A running SuperLink and how to reach it.
+
+    Attributes
+    ----------
+    process : ManagedProcess
+        The ``flower-superlink`` child.
+    host : str
+        Interface it listens on.
+    port : int
+        Its single port for the Fleet, Control and Runtime APIs.
+    root_certificates : Path | None
+        CA certificate clients verify it with; None if it runs without TLS.
+    """
+
+    process: ManagedProcess
+    host: str
+    port: int
+    root_certificates: Path | None
+
+    @property
+    def address(self) -> str:
+        """``HOST:PORT`` for SuperNodes and CLI connections."""
+        return f"{self.host}:{self.port}"
+
+
+class FlwrHome:
+    """A private ``FLWR_HOME`` with its ``config.toml``, and the ``flwr`` calls using it.
+
+    Parameters
+    ----------
+    path : Path | None
+        Directory to use (kept afterwards); a new temporary directory, removed by
+        :meth:`close`, if None.
+    """
+
+    def __init__(self, path: Path | None = None) -> None:
+        self._temporary = path is None
+        self.path = Path(tempfile.mkdtemp(prefix="flwr-home-")) if path is None else path
+        self.path = self.path.resolve()
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.env = flower_env(self.path)
+        self._connections: dict[str, dict[str, ConfigValue]] = {}
+        self._default: str | None = None
+
+    def close(self) -> None:
+        """Remove the directory if it was created as a temporary one."""
+        if self._temporary:
+            shutil.rmtree(self.path, ignore_errors=True)
+
+    def __enter__(self) -> FlwrHome:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    @property
+    def workdir(self) -> Path:
+        """Empty working directory for SuperLinks, so no stale code is importable."""
+        path = self.path / "superlink-workdir"
+        path.mkdir(exist_ok=True)
+        return path
+
+    def add_connection(
+        self,
+        name: str,
+        address: str,
+        root_certificates: Path | None = None,
+        default: bool = False,
+    ) -> None:
+        """Add or replace a ``[superlink.NAME]`` connection and rewrite ``config.toml``.
+
+        The file holds exactly the connections added through this object, so a
+        reused directory never keeps a stale address from an earlier session.
+
+        Parameters
+        ----------
+        name : str
+            Connection name, as passed to ``flwr run APP NAME``.
+        address : str
+            ``HOST:PORT`` of the SuperLink.
+        root_certificates : Path | None
+            CA certificate for TLS (made absolute, as Flower requires); the
+            connection is ``insecure = true`` if None.
+        default : bool
+            Make it ``[superlink] default`` (the first connection always is).
+        """
+        if not _CONNECTION_NAME.match(name):
+            raise ValueError(f"connection name {name!r} must match {_CONNECTION_NAME.pattern}")
+        table: dict[str, ConfigValue] = {"address": address}
+        if root_certificates is None:
+            table["insecure"] = True
+        else:
+            table["root-certificates"] = str(root_certificates.resolve())
+        self._connections[name] = table
+        if default or self._default is None:
+            self._default = name
+        lines = ["[superlink]", f"default = {json.dumps(self._default)}", ""]
+        for conn_name, conn in self._connections.items():
+            lines.append(f"[superlink.{conn_name}]")
+            for key, value in conn.items():
+                lines.append(f"{key} = {json.dumps(value)}")
+            lines.append("")
+        (self.path / "config.toml").write_text("\n".join(lines), encoding="utf-8")
+
+    def flwr(self, *args: str, timeout: float = 120.0) -> dict[str, Any]:
+        """Run ``flwr ARGS --format json`` and return its JSON document.
+
+        Raises
+        ------
+        FlwrError
+            If the command exits non-zero, times out, or reports failure.
+        """
+        command = [flower_executable("flwr"), *args, "--format", "json"]
+        try:
+            done = subprocess.run(
+                command,
+                env=self.env,
+                cwd=self.path,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                check=False,
+            )
+        except subprocess.TimeoutExpired as err:
+            raise FlwrError(f"{' '.join(command)} timed out after {timeout:.0f} s") from err
+        if done.returncode != 0:
+            raise FlwrError(
+                f"{' '.join(command)} exited with {done.returncode}:\n{done.stdout}{done.stderr}"
+            )
+        return _parse_json_output(done.stdout, command)
+
+    def flwr_run(
+        self,
+        app_dir: Path,
+        connection: str,
+        run_config: Mapping[str, ConfigValue] | None = None,
+        federation_config: Mapping[str, ConfigValue] | None = None,
+    ) -> int:
+        """Submit an app with ``flwr run APP CONNECTION`` and return the run id.
+
+        It returns as soon as the SuperLink accepted the run; use
+        :meth:`stream_logs` and :meth:`wait_for_run` (or :meth:`run_app`) to
+        follow it. The exit status of ``flwr run`` says nothing about the run.
+
+        Parameters
+        ----------
+        app_dir : Path
+            Directory with the app's ``pyproject.toml``.
+        connection : str
+            Name of a connection added with :meth:`add_connection`.
+        run_config : Mapping[str, ConfigValue] | None
+            Overrides of ``[tool.flwr.app.config]``.
+        federation_config : Mapping[str, ConfigValue] | None
+            Simulation settings, e.g. ``{"num-supernodes": 3,
+            "client-resources-num-cpus": 1}``; ignored by a deployment SuperLink.
+
+        Returns
+        -------
+        int
+            The run id.
+        """
+        args = ["run", str(app_dir.resolve()), connection]
+        if run_config:
+            args += ["--run-config", format_config(run_config)]
+        if federation_config:
+            args += ["--federation-config", format_config(federation_config)]
+        return int(self.flwr(*args)["run-id"])
+
+    def stream_logs(
+        self, run_id: int, connection: str, sink: TextIO | None = None, timeout: float = 600.0
+    ) -> None:
+        """Copy the run's log into ``sink`` (stdout by default) until the run ends.
+
+        Runs ``flwr log RUN_ID CONNECTION --stream``, which returns once the run
+        has finished. Lines are copied by a thread so any text stream works as
+        the sink, including pytest's captured stdout.
+
+        Raises
+        ------
+        FlwrError
+            If the stream does not end within ``timeout`` seconds or fails.
+        """
+        out = sys.stdout if sink is None else sink
+        command = [flower_executable("flwr"), "log", str(run_id), connection, "--stream"]
+        with subprocess.Popen(
+            command,
+            env=self.env,
+            cwd=self.path,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        ) as proc:
+            assert proc.stdout is not None
+            pipe = proc.stdout
+            copier = threading.Thread(target=_copy_lines, args=(pipe, out), daemon=True)
+            copier.start()
+            try:
+                status = proc.wait(timeout=timeout)
+            except BaseException:
+                proc.kill()
+                raise
+            finally:
+                copier.join(timeout=5.0)
+        if status != 0:
+            raise FlwrError(f"flwr log {run_id} exited with {status}")
+
+    def run_status(self, run_id: int, connection: str) -> str:
+        """Return the run's status, e.g. ``running`` or ``finished:failed``.
+
+        From ``flwr ls CONNECTION --run-id ID --format json``.
+        """
+        return str(self.run_info(run_id, connection)["status"])
+
+    def run_info(self, run_id: int, connection: str) -> dict[str, Any]:
+        """Return the run's record from ``flwr ls`` (status, details, timings)."""
+        runs = self.flwr("ls", connection, "--run-id", str(run_id))["runs"]
+        if not runs:
+            raise FlwrError(f"run {run_id} is unknown to connection {connection!r}")
+        return dict(runs[0])
+
+    def wait_for_run(
+        self, run_id: int, connection: str, timeout: float, interval: float = 1.0
+    ) -> str:
+        """Poll the run until its status starts with ``finished`` and return it.
+
+        Raises
+        ------
+        FlwrError
+            If it has not finished after ``timeout`` seconds.
+        """
+        deadline = time.monotonic() + timeout
+        while not (status := self.run_status(run_id, connection)).startswith("finished"):
+            if time.monotonic() > deadline:
+                raise FlwrError(f"run {run_id} still {status!r} after {timeout:.0f} s")
+            time.sleep(interval)
+        return status
+
+    def run_app(
+        self,
+        app_dir: Path,
+        connection: str,
+        run_config: Mapping[str, ConfigValue] | None = None,
+        federation_config: Mapping[str, ConfigValue] | None = None,
+        stream: bool = True,
+        sink: TextIO | None = None,
+        timeout: float = 600.0,
+    ) -> int:
+        """Submit an app, optionally stream its log, and require it to complete.
+
+        Parameters
+        ----------
+        app_dir, connection, run_config, federation_config
+            As in :meth:`flwr_run`.
+        stream : bool
+            Copy the run's log to ``sink`` while waiting.
+        sink : TextIO | None
+            Destination of the log; stdout if None.
+        timeout : float
+            Seconds the whole run may take.
+
+        Returns
+        -------
+        int
+            The run id of a run with status ``finished:completed``.
+
+        Raises
+        ------
+        FlwrError
+            If the run ends with another status (the message carries the status
+            details) or does not end in time.
+        """
+        deadline = time.monotonic() + timeout
+        run_id = self.flwr_run(app_dir, connection, run_config, federation_config)
+        if stream:
+            self.stream_logs(run_id, connection, sink, timeout)
+        status = self.wait_for_run(run_id, connection, max(deadline - time.monotonic(), 5.0))
+        if status != FINISHED_OK:
+            details = self.run_info(run_id, connection).get("status-details", "")
+            raise FlwrError(f"run {run_id} ended {status!r}: {details}")
+        return run_id
+
+    def register_supernode(self, public_key: Path, connection: str) -> int | None:
+        """Register a SuperNode's public key with ``flwr supernode register``.
+
+        Idempotent: a key that the SuperLink's database already holds (Flower's
+        error code 23, "Public key already in use") is accepted as registered.
+
+        Parameters
+        ----------
+        public_key : Path
+            OpenSSH ECDSA public key file.
+        connection : str
+            Connection to a SuperLink started with ``--enable-supernode-auth``.
+
+        Returns
+        -------
+        int | None
+            The new node id, or None if the key was registered before.
+        """
+        try:
+            payload = self.flwr("supernode", "register", str(public_key.resolve()), connection)
+        except FlwrError as err:
+            if "Public key already in use" in str(err):
+                return None
+            raise
+        return int(payload["node-id"])
+
+
+def start_superlink(
+    supervisor: Supervisor,
+    home: FlwrHome,
+    database: Path,
+    simulation: bool = False,
+    tls: Credentials | None = None,
+    enable_supernode_auth: bool = False,
+    host: str = "127.0.0.1",
+    port: int | None = None,
+    attempts: int = 3,
+    timeout: float = 60.0,
+) -> SuperLink:
+    """Start ``flower-superlink`` and wait until it serves its API.
+
+    Parameters
+    ----------
+    supervisor : Supervisor
+        Owner that stops it (and its SuperExec, ServerApps and Ray) at the end.
+    home : FlwrHome
+        Private Flower home; also the source of the environment.
+    database : Path
+        SQLite file for runs and registered SuperNode keys (survives restarts).
+    simulation : bool
+        Run ClientApps in Flower's simulation engine instead of waiting for
+        SuperNodes.
+    tls : Credentials | None
+        CA, certificate and key for TLS; ``--insecure`` if None.
+    enable_supernode_auth : bool
+        Accept only SuperNodes whose public key was registered (needs TLS).
+    host : str
+        Interface for the single Fleet/Control/Runtime port.
+    port : int | None
+        Port to use; a free one, retried on collision, if None.
+    attempts : int
+        Tries with a new free port when the chosen one was taken meanwhile.
+    timeout : float
+        Seconds to wait for the SuperLink to listen.
+
+    Returns
+    -------
+    SuperLink
+        The running SuperLink.
+
+    Raises
+    ------
+    ValueError
+        For SuperNode authentication without TLS.
+    ProcessError
+        If it does not start; the message carries the tail of its log.
+    """
+    if enable_supernode_auth and tls is None:
+        raise ValueError("SuperNode authentication requires TLS credentials")
+    argv = [flower_executable("flower-superlink")]
+    if tls is None:
+        argv.append("--insecure")
+    else:
+        argv += [
+            "--ssl-ca-certfile", str(tls.ca_cert),
+            "--ssl-certfile", str(tls.server_cert),
+            "--ssl-keyfile", str(tls.server_key),
+        ]  # fmt: skip
+    if enable_supernode_auth:
+        argv.append("--enable-supernode-auth")
+    if simulation:
+        argv.append("--simulation")
+    argv += [
+        "--database", str(database.resolve()),
+        "--disable-runtime-dependency-installation",
+        "--host", host,
+    ]  # fmt: skip
+    process, chosen = _start_on_free_port(
+        supervisor,
+        "superlink",
+        lambda chosen: [*argv, "--port", str(chosen)],
+        home,
+        ready=lambda proc, chosen: (
+            proc.wait_for_log(SUPERLINK_LISTENING, timeout),
+            proc.wait_for_port(chosen, host, timeout),
+        ),
+        host=host,
+        port=port,
+        attempts=attempts,
+    )
+    return SuperLink(process, host, chosen, None if tls is None else tls.ca_cert)
+
+
+def start_supernode(
+    supervisor: Supervisor,
+    home: FlwrHome,
+    superlink_address: str,
+    node_config: Mapping[str, ConfigValue],
+    root_certificates: Path | None = None,
+    private_key: Path | None = None,
+    insecure: bool = False,
+    port: int | None = None,
+    max_retries: int | None = 10,
+    name: str = "supernode",
+    wait_connected: bool = True,
+    timeout: float = 60.0,
+) -> ManagedProcess:
+    """Start ``flower-supernode`` connected to a SuperLink.
+
+    Parameters
+    ----------
+    supervisor : Supervisor
+        Owner that stops it (and its SuperExec and ClientApps) at the end.
+    home : FlwrHome
+        Source of the environment.
+    superlink_address : str
+        ``HOST:PORT`` of the SuperLink.
+    node_config : Mapping[str, ConfigValue]
+        The node's ``context.node_config`` (e.g. ``data-path``, ``venue``,
+        ``instance-id``), encoded with :func:`format_config`.
+    root_certificates : Path | None
+        CA certificate to verify a TLS SuperLink.
+    private_key : Path | None
+        OpenSSH ECDSA key for SuperNode authentication.
+    insecure : bool
+        Connect without TLS (explicit, never implied).
+    port : int | None
+        Port of the node's own Runtime API (each node needs one); free if None.
+    max_retries : int | None
+        Connection attempts before the node gives up; None retries forever.
+    name : str
+        Name for errors and the log file.
+    wait_connected : bool
+        Wait until the SuperLink has accepted the node (its log shows its node
+        id). Pass False for a node expected to be refused, then
+        :meth:`ManagedProcess.wait` for its exit.
+    timeout : float
+        Seconds to wait for the connection.
+
+    Returns
+    -------
+    ManagedProcess
+        The running SuperNode.
+
+    Raises
+    ------
+    ValueError
+        If neither TLS nor ``insecure`` is chosen.
+    ProcessError
+        If it exits or does not connect in time (with its log tail).
+    """
+    if root_certificates is None and not insecure:
+        raise ValueError("give root_certificates for TLS or insecure=True explicitly")
+    argv = [flower_executable("flower-supernode"), "--superlink", superlink_address]
+    if insecure:
+        argv.append("--insecure")
+    if root_certificates is not None:
+        argv += ["--root-certificates", str(root_certificates.resolve())]
+    if private_key is not None:
+        argv += ["--auth-supernode-private-key", str(private_key.resolve())]
+    if max_retries is not None:
+        argv += ["--max-retries", str(max_retries)]
+    if node_config:
+        argv += ["--node-config", format_config(node_config)]
+
+    def ready(process: ManagedProcess, chosen: int) -> None:
+        # The node binds its Runtime API port first (exiting with "address
+        # already in use" if taken), then contacts the SuperLink.
+        del chosen
+        if wait_connected:
+            process.wait_for_log(SUPERNODE_CONNECTED, timeout)
+
+    process, _ = _start_on_free_port(
+        supervisor,
+        name,
+        lambda chosen: [*argv, "--host", "127.0.0.1", "--port", str(chosen)],
+        home,
+        ready=ready,
+        host="127.0.0.1",
+        port=port,
+    )
+    return process
+
+
+def _start_on_free_port(
+    supervisor: Supervisor,
+    name: str,
+    argv_for: Callable[[int], list[str]],
+    home: FlwrHome,
+    ready: Callable[[ManagedProcess, int], object],
+    host: str,
+    port: int | None,
+    attempts: int = 3,
+) -> tuple[ManagedProcess, int]:
+    """Start a server on ``port`` or on a free port, retrying if one gets taken.
+
+    ``free_port`` cannot reserve the port, so another process may bind it first;
+    the child then fails with "address already in use" and a new port is tried.
+    Any other failure, or a failure on an explicit port, is raised at once.
+    """
+    attempt = 1
+    while True:
+        chosen = free_port(host) if port is None else port
+        process = supervisor.start(name, argv_for(chosen), env=home.env, cwd=home.workdir)
+        try:
+            ready(process, chosen)
+        except ProcessError:
+            collided = bool(_ADDRESS_IN_USE.search(process.log_text()))
+            if port is not None or not collided or attempt >= attempts:
+                raise
+            attempt += 1
+            continue
+        return process, chosen
