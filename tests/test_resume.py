@@ -1,0 +1,88 @@
+"""A deployment run whose SuperLink is killed mid-run and resumed ends as an unbroken one."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from sigmax_fl.deploy.flwr_cli import FlwrHome, start_superlink, start_supernode
+from sigmax_fl.deploy.processes import Supervisor
+
+from .conftest import DATA, ROOT
+
+pytestmark = pytest.mark.integration
+
+NODES = {
+    "coinbase-btc": (DATA / "Coinbase_BTCUSD_d.csv", "coinbase"),
+    "bitstamp-eth": (DATA / "bitstamp_BTC_ETH_LTC_USD_d.csv#ETH", "bitstamp"),
+}
+RUN_CONFIG = {"num-server-rounds": 3, "local-epochs": 1, "min-available-nodes": 2}
+
+
+def start_nodes(supervisor: Supervisor, home: FlwrHome, address: str, tag: str) -> None:
+    for instance, (path, venue) in NODES.items():
+        start_supernode(
+            supervisor,
+            home,
+            address,
+            {"data-path": str(path), "venue": venue, "instance-id": instance},
+            insecure=True,
+            name=f"{tag}-{instance}",
+        )
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run_dir / "final_model.pt", weights_only=True)
+
+
+def test_killed_superlink_resumes_to_the_same_model(tmp_path: Path) -> None:
+    outputs = tmp_path / "outputs"
+    config = {**RUN_CONFIG, "outputs-dir": str(outputs)}
+    supervisor = Supervisor(tmp_path / "logs")
+    with supervisor, FlwrHome(tmp_path / "flwr-home") as home:
+        # Reference: one unbroken run
+        link = start_superlink(supervisor, home, tmp_path / "ref.db")
+        home.add_connection("ref", link.address)
+        start_nodes(supervisor, home, link.address, "ref")
+        home.run_app(
+            ROOT, "ref", run_config={**config, "run-name": "unbroken"}, stream=False, timeout=300
+        )
+        supervisor.stop_all()
+
+        # The same run, its SuperLink killed once round 1 is checkpointed
+        database = tmp_path / "broken.db"
+        link = start_superlink(supervisor, home, database)
+        home.add_connection("broken", link.address)
+        start_nodes(supervisor, home, link.address, "first")
+        home.flwr_run(ROOT, "broken", run_config={**config, "run-name": "broken"})
+        checkpoint = outputs / "broken" / "checkpoints" / "round-00001.pt"
+        deadline = time.monotonic() + 180
+        while not checkpoint.exists():
+            assert time.monotonic() < deadline, "round 1 was never checkpointed"
+            time.sleep(0.2)
+        supervisor.stop_all()  # SuperLink, its ServerApp and the SuperNodes: a machine lost
+        assert not (outputs / "broken" / "final_model.pt").exists()
+
+        # Restart on the same database and resume from the run folder
+        link = start_superlink(supervisor, home, database)
+        home.add_connection("broken", link.address)
+        start_nodes(supervisor, home, link.address, "second")
+        home.run_app(
+            ROOT,
+            "broken",
+            run_config={**config, "resume-from": str(outputs / "broken")},
+            stream=False,
+            timeout=300,
+        )
+    assert supervisor.remaining() == []
+
+    unbroken, resumed = final_weights(outputs / "unbroken"), final_weights(outputs / "broken")
+    assert unbroken.keys() == resumed.keys()
+    for name in unbroken:
+        assert torch.equal(unbroken[name], resumed[name]), name
+    history = (outputs / "broken" / "history.jsonl").read_text().splitlines()
+    assert [json.loads(line)["round"] for line in history] == [1, 2, 3]
