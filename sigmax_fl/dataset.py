@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sigmax_fl.data import DataSource, load_ohlcv
+from sigmax_fl.data import DataSource, load_ohlcv, source_digest
 from sigmax_fl.data.formats import split_asset
 from sigmax_fl.features import FEATURE_VERSION, Calendar, Scaler, make_features
 
@@ -40,11 +40,11 @@ class Recipe:
     data_policy: str
 
     def key(self, source: DataSource) -> str:
-        file, asset = split_asset(source.path)
-        digest = hashlib.sha256(file.read_bytes()).hexdigest()
+        # The file's bytes, or for a synthetic series its spec and generator version.
+        _, asset = split_asset(source.path)
         text = json.dumps(
             [
-                digest,
+                source_digest(source.path),
                 asset,
                 FEATURE_VERSION,
                 self.horizon,

@@ -17,8 +17,14 @@ import pandas as pd
 from sigmax_fl.data import DataError
 from sigmax_fl.settings import parse_duration
 
-FEATURE_VERSION = 1
-"""Bumped whenever a feature's definition changes, so instance caches are rebuilt."""
+FEATURE_VERSION = 2
+"""Bumped whenever a feature's definition changes, so instance caches are rebuilt.
+
+2: RSI, ATR and the EMAs (MACD, distance to EMA) seeded with the simple mean of their first
+window, as Wilder and TA-Lib define them; MACD's signal line is the EMA of the MACD line
+itself (normalised by the close afterwards); Bollinger bands use the population standard
+deviation; RSI of a window without any change is neutral (0), not the maximum.
+"""
 
 RETURN_HORIZONS = (1, 2, 3, 5, 10, 20, 60)
 RETURN_LAGS = (1, 2, 3, 4, 5)
@@ -70,16 +76,39 @@ def _safe_div(num: pd.Series, den: pd.Series, fill: float) -> pd.Series:
     return (num / den.where(den != 0)).fillna(fill).where(num.notna() & den.notna())
 
 
+def _seeded_ewm(series: pd.Series, n: int, alpha: float) -> pd.Series:
+    """Exponential smoothing whose first value is the mean of the first ``n`` values.
+
+    The standard seed (Wilder; TA-Lib): starting from the first value alone, as pandas does,
+    would give that one bar the weight of a whole window for dozens of bars.
+    """
+    values = series.to_numpy(dtype="float64", copy=True)
+    valid = np.flatnonzero(~np.isnan(values))
+    if len(valid) < n:
+        return pd.Series(np.nan, index=series.index)
+    first, seed_at = valid[0], valid[0] + n - 1
+    seed = values[first : seed_at + 1].mean()
+    values[:seed_at] = np.nan
+    values[seed_at] = seed
+    return pd.Series(values, index=series.index).ewm(alpha=alpha, adjust=False).mean()
+
+
 def _wilder(series: pd.Series, n: int) -> pd.Series:
-    return series.ewm(alpha=1.0 / n, adjust=False, min_periods=n).mean()
+    """Wilder's smoothing (RSI, ATR): weight 1/n, seeded with the mean of the first n."""
+    return _seeded_ewm(series, n, 1.0 / n)
+
+
+def _ema(series: pd.Series, span: int) -> pd.Series:
+    """EMA of ``span`` bars (weight 2/(span+1)), seeded with the mean of the first span."""
+    return _seeded_ewm(series, span, 2.0 / (span + 1))
 
 
 def _rsi(close: pd.Series, n: int) -> pd.Series:
+    """Wilder's RSI scaled to [-1, 1]; a window without any change is neutral (0)."""
     delta = close.diff()
     gain = _wilder(delta.clip(lower=0), n)
     loss = _wilder(-delta.clip(upper=0), n)
-    rsi = 100 - 100 / (1 + _safe_div(gain, loss, np.inf))
-    return (rsi - 50) / 50  # in [-1, 1]
+    return 2 * _safe_div(gain, gain + loss, 0.5) - 1
 
 
 def compute_features(bars: pd.DataFrame) -> pd.DataFrame:
@@ -108,12 +137,11 @@ def compute_features(bars: pd.DataFrame) -> pd.DataFrame:
     f["close_location"] = _safe_div(c - lo, h - lo, 0.5)
     f["rsi_7"] = _rsi(c, 7)
     f["rsi_14"] = _rsi(c, 14)
-    ema12 = c.ewm(span=12, adjust=False, min_periods=26).mean()
-    ema26 = c.ewm(span=26, adjust=False, min_periods=26).mean()
-    macd = (ema12 - ema26) / c
-    signal = macd.ewm(span=9, adjust=False, min_periods=9).mean()
-    f["macd"], f["macd_signal"], f["macd_hist"] = macd, signal, macd - signal
-    sma20, std20 = c.rolling(20).mean(), c.rolling(20).std()
+    ema = {n: _ema(c, n) for n in (12, 26, *EMA_SPANS)}  # MACD(12, 26) and dist_ema_n
+    macd = ema[12] - ema[26]
+    signal = _ema(macd, 9)
+    f["macd"], f["macd_signal"], f["macd_hist"] = macd / c, signal / c, (macd - signal) / c
+    sma20, std20 = c.rolling(20).mean(), c.rolling(20).std(ddof=0)
     f["bollinger_position_20"] = _safe_div(c - sma20, 2 * std20, 0.0)
     f["bollinger_width_20"] = 4 * std20 / sma20
     low14, high14 = lo.rolling(14).min(), h.rolling(14).max()
@@ -122,7 +150,7 @@ def compute_features(bars: pd.DataFrame) -> pd.DataFrame:
     for n in SMA_WINDOWS:
         f[f"dist_sma_{n}"] = log_c - np.log(c.rolling(n).mean())
     for n in EMA_SPANS:
-        f[f"dist_ema_{n}"] = log_c - np.log(c.ewm(span=n, adjust=False, min_periods=n).mean())
+        f[f"dist_ema_{n}"] = log_c - np.log(ema[n])
     prev_c = c.shift(1)
     true_range = pd.concat([h - lo, (h - prev_c).abs(), (lo - prev_c).abs()], axis=1).max(
         axis=1, skipna=False

@@ -1,7 +1,8 @@
-"""Market data in: exchange files -> one canonical OHLCV frame, validated.
+"""Market data in: exchange files (or synthetic venues) -> one canonical OHLCV frame, validated.
 
 Public names (other modules and users rely on them): :func:`load_ohlcv`, :class:`DataError`,
-:func:`resolve_source`, :data:`BUNDLED`.
+:func:`resolve_source`, :func:`parse_sources`, :func:`source_for_node`,
+:func:`source_digest`, :data:`BUNDLED`.
 """
 
 from sigmax_fl.data.errors import DataError
@@ -11,6 +12,7 @@ from sigmax_fl.data.sources import (
     DataSource,
     parse_sources,
     resolve_source,
+    source_digest,
     source_for_node,
 )
 
@@ -21,5 +23,6 @@ __all__ = [
     "load_ohlcv",
     "parse_sources",
     "resolve_source",
+    "source_digest",
     "source_for_node",
 ]

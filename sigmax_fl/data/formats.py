@@ -1,93 +1,95 @@
 """Readers: one per file layout, each producing the same raw frame for :mod:`.validate`.
 
-A reader only parses; it never judges. Every judgement (order, duplicates, OHLC sanity) lives
-in :func:`sigmax_fl.data.validate.validate_bars`, so that all layouts obey one policy.
+A reader only parses; it never judges. Every judgement (order, duplicates, OHLC sanity,
+unparseable cells) lives in :func:`sigmax_fl.data.validate.validate_bars`, so that all
+layouts obey one policy. The layout is detected from the file's content, not its name,
+because exports get renamed; ``fmt=`` overrides the guess.
+
+=========================  ==============================================================
+``fmt``                    detected by
+=========================  ==============================================================
+``cryptodatadownload``     banner line naming CryptoDataDownload, then a ``date`` header
+``wide-multi-asset``       header cells ``ASSET:open`` .. ``ASSET:volume``
+``binance-klines-csv``     no header and 12 numeric fields, or a header with ``open_time``
+                           and ``close_time`` (futures files)
+``kraken-ohlcvt-csv``      no header and 7 numeric fields
+``coinbase-candles-csv``   no header, 6 numeric fields, time in seconds (< 1e11)
+``ccxt-csv``               no header, 6 numeric fields, time in milliseconds
+``generic-csv``            a header naming a time column and ``close`` (any case)
+``binance-klines-json``    a JSON array of 12-field arrays
+``coinbase-candles-json``  a JSON array of 6-field arrays, time in seconds
+``ccxt-json``              a JSON array of 6-field arrays, time in milliseconds
+``coinbase-advanced-json`` a JSON object with a ``"candles"`` array
+``parquet``                the ``PAR1`` magic bytes; columns matched like ``generic-csv``
+=========================  ==============================================================
+
+``synthetic:...`` paths are not files: :mod:`sigmax_fl.data.synthetic` generates them.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import re
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from sigmax_fl.data import exchanges, synthetic
 from sigmax_fl.data.errors import DataError
-from sigmax_fl.data.validate import OHLCV, validate_bars
+from sigmax_fl.data.parsing import OHLCV, raw_bars, read_head
+from sigmax_fl.data.validate import validate_bars
 
 Reader = Callable[[Path, str | None], pd.DataFrame]
-"""(path, asset) -> frame with a tz-aware UTC ``timestamp`` column and the OHLCV columns."""
+"""(path, asset) -> raw frame: see :func:`sigmax_fl.data.parsing.raw_bars`."""
 
 
-def _read_head(path: Path, n_lines: int = 3) -> list[str]:
+def _read_text_csv(path: Path, **kwargs: object) -> pd.DataFrame:
     try:
-        with path.open("r", encoding="utf-8", errors="replace") as handle:
-            return [handle.readline() for _ in range(n_lines)]
-    except FileNotFoundError:
-        raise DataError(path, "file not found") from None
-    except IsADirectoryError:
-        raise DataError(path, "is a directory, expected a file of bars") from None
+        return pd.read_csv(path, dtype=str, keep_default_na=False, **kwargs)
+    except pd.errors.EmptyDataError:
+        raise DataError(path, "no bars") from None
+    except pd.errors.ParserError as err:
+        raise DataError(path, f"not a well-formed CSV: {err}") from None
 
 
-def _numeric(path: Path, frame: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
-    """Coerce columns to float64, naming the first cell that is not a number."""
-    out = pd.DataFrame(index=frame.index)
-    for column in columns:
-        raw = frame[column]
-        values = pd.to_numeric(raw, errors="coerce")
-        bad = values.isna() & raw.notna() & (raw.astype(str).str.strip() != "")
-        if bad.any():
-            i = int(np.flatnonzero(bad.to_numpy())[0])
-            raise DataError(
-                path, f"'{raw.iloc[i]}' is not a number", row=_row(frame, i), field=column
-            )
-        out[column] = values.astype("float64")
-    return out
+def _base_volume_column(columns: list[str], symbol: str) -> str | None:
+    """The volume column in the traded (base) asset, as the exchanges' own layouts give it.
 
-
-def _row(frame: pd.DataFrame, i: int) -> int:
-    """The 1-based line number in the file of the frame's i-th row."""
-    return int(frame["_line"].iloc[i]) if "_line" in frame else i + 1
-
-
-def _timestamps(path: Path, frame: pd.DataFrame, column: str, fmt: str | None) -> pd.Series:
-    raw = frame[column].astype(str).str.strip()
-    parsed = pd.to_datetime(raw, format=fmt, utc=True, errors="coerce")
-    bad = parsed.isna()
-    if bad.any():
-        i = int(np.flatnonzero(bad.to_numpy())[0])
-        raise DataError(
-            path, f"'{raw.iloc[i]}' is not a timestamp", row=_row(frame, i), field=column
-        )
-    return parsed
+    Old files name it ``volume_btc`` next to a quote ``volume``; newer ones ``volume btc``
+    next to ``volume usd``: the base asset is the one the symbol starts with.
+    """
+    suffixed = [c for c in columns if re.fullmatch(r"volume[ _]\w+", c)]
+    for column in suffixed:
+        if symbol.upper().startswith(column[7:].upper()):
+            return column
+    return suffixed[0] if suffixed else None
 
 
 def read_cryptodatadownload(path: Path, asset: str | None) -> pd.DataFrame:
     """CryptoDataDownload export: a banner line, then ``date,symbol,open,...``, newest first.
 
-    The hourly files write hours as ``2019-10-17 09-AM``; daily ones as ``2019-10-17``.
+    The hourly files write hours as ``2019-10-17 09-AM``; daily ones as ``2019-10-17``;
+    newer files add a ``unix`` column, which is used when present (it has no ambiguity).
     """
-    frame = pd.read_csv(path, skiprows=1, dtype=str, keep_default_na=False)
-    frame["_line"] = np.arange(len(frame)) + 3  # banner + header + 1-based
-    frame.columns = [c.strip().lower() if c != "_line" else c for c in frame.columns]
+    frame = _read_text_csv(path, skiprows=1)
+    frame.columns = [c.strip().lower() for c in frame.columns]
     missing = [c for c in ("date", "open", "high", "low", "close") if c not in frame.columns]
     if missing:
-        raise DataError(path, f"CryptoDataDownload layout without column(s) {missing}")
-    hourly = frame["date"].str.contains(r"-(?:AM|PM)$", regex=True).any()
-    stamps = _timestamps(path, frame, "date", "%Y-%m-%d %I-%p" if hourly else "%Y-%m-%d")
-    # Volume in the base asset (``volume_btc``), as the other layouts give it; the file's
-    # ``volume`` column is the quote-currency turnover.
-    base_volume = next((c for c in frame.columns if c.startswith("volume_")), None)
-    if base_volume is not None:
-        frame = frame.drop(columns=["volume"], errors="ignore").rename(
-            columns={base_volume: "volume"}
-        )
-    out = _numeric(path, frame, list(OHLCV))
-    out.insert(0, "timestamp", stamps)
-    out["_line"] = frame["_line"]
-    return out
+        raise DataError(path, f"CryptoDataDownload layout without column(s) {missing}", row=2)
+    symbol = str(frame["symbol"].iloc[0]) if "symbol" in frame and len(frame) else ""
+    base = _base_volume_column(list(frame.columns), symbol)
+    table = frame.rename(columns={"unix" if "unix" in frame else "date": "timestamp"})
+    if base is not None:
+        table = table.drop(columns=["volume"], errors="ignore").rename(columns={base: "volume"})
+    hourly = "unix" not in frame and frame["date"].str.contains(r"-(?:AM|PM)$").any()
+    return raw_bars(
+        table,
+        np.arange(len(frame)) + 3,  # banner + header, 1-based
+        time_format="%Y-%m-%d %I-%p" if hourly else None,
+    )
 
 
 def read_wide_multi_asset(path: Path, asset: str | None) -> pd.DataFrame:
@@ -97,8 +99,7 @@ def read_wide_multi_asset(path: Path, asset: str | None) -> pd.DataFrame:
     columns: they are not bars, so they are dropped here. Empty cells *between* bars are kept
     as NaN for validation to reject, because a hole inside a series is corruption.
     """
-    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-    frame["_line"] = np.arange(len(frame)) + 2
+    frame = _read_text_csv(path)
     assets = sorted(c.split(":")[0] for c in frame.columns if c.lower().endswith(":close"))
     if asset is None:
         raise DataError(
@@ -109,21 +110,26 @@ def read_wide_multi_asset(path: Path, asset: str | None) -> pd.DataFrame:
     cols = {f"{asset.upper()}:{name}": name for name in OHLCV}
     missing = [c for c in cols if c not in frame.columns]
     if missing:
-        raise DataError(path, f"asset '{asset}' lacks column(s) {missing}")
-    sub = frame[[frame.columns[0], *cols, "_line"]].rename(columns=cols)
-    filled = (sub[list(OHLCV)].apply(lambda s: s.str.strip()) != "").any(axis=1).to_numpy()
+        raise DataError(path, f"asset '{asset}' lacks column(s) {missing}", row=1)
+    table = frame[[frame.columns[0], *cols]].rename(columns={**cols, frame.columns[0]: "timestamp"})
+    filled = (table[list(OHLCV)].apply(lambda s: s.str.strip()) != "").any(axis=1).to_numpy()
     if not filled.any():
         raise DataError(path, f"asset '{asset}' has no bars")
     first, last = np.flatnonzero(filled)[[0, -1]]
-    sub = sub.iloc[first : last + 1].reset_index(drop=True)
-    out = _numeric(path, sub, list(OHLCV))
-    out.insert(0, "timestamp", _timestamps(path, sub, sub.columns[0], None))
-    out["_line"] = sub["_line"]
-    return out
+    return raw_bars(table.iloc[first : last + 1], np.arange(first, last + 1) + 2)
 
 
 _ALIASES = {
-    "timestamp": ("timestamp", "time", "date", "datetime", "open_time", "open time", "start"),
+    "timestamp": (
+        "timestamp",
+        "time",
+        "date",
+        "datetime",
+        "open_time",
+        "open time",
+        "start",
+        "index",
+    ),
     "open": ("open", "o"),
     "high": ("high", "h"),
     "low": ("low", "l"),
@@ -132,58 +138,128 @@ _ALIASES = {
 }
 
 
-def read_generic_csv(path: Path, asset: str | None) -> pd.DataFrame:
-    """Any CSV with a header naming a time column and the OHLCV columns (any case)."""
-    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-    frame["_line"] = np.arange(len(frame)) + 2
-    lower = {c.strip().lower(): c for c in frame.columns if c != "_line"}
-    rename: dict[str, str] = {}
+def _by_alias(path: Path, frame: pd.DataFrame) -> pd.DataFrame:
+    """The canonical columns of a table with a header, names matched case-insensitively."""
+    lower = {str(c).strip().lower(): c for c in frame.columns}
+    picked: dict[str, pd.Series] = {}
     for canonical, aliases in _ALIASES.items():
         found = next((lower[a] for a in aliases if a in lower), None)
         if found is None:
-            raise DataError(path, f"no column for '{canonical}' (looked for {list(aliases)})")
-        rename[found] = canonical
-    frame = frame.rename(columns=rename)
-    out = _numeric(path, frame, list(OHLCV))
-    out.insert(0, "timestamp", _parse_any_time(path, frame))
-    out["_line"] = frame["_line"]
-    return out
+            raise DataError(
+                path, f"no column for '{canonical}' (looked for {list(aliases)})", row=1
+            )
+        picked[canonical] = frame[found]
+    return pd.DataFrame(picked)
 
 
-def _parse_any_time(path: Path, frame: pd.DataFrame) -> pd.Series:
-    """Epoch numbers by magnitude (s, ms, us), else ISO-like text."""
-    raw = frame["timestamp"].astype(str).str.strip()
-    numbers = pd.to_numeric(raw, errors="coerce")
-    if numbers.notna().all():
-        magnitude = float(numbers.abs().median())
-        unit = "s" if magnitude < 1e11 else "ms" if magnitude < 1e14 else "us"
-        return pd.to_datetime(numbers.astype("int64"), unit=unit, utc=True)
-    return _timestamps(path, frame, "timestamp", None)
+def read_generic_csv(path: Path, asset: str | None) -> pd.DataFrame:
+    """Any CSV with a header naming a time column and the OHLCV columns (any case).
+
+    Times may be text (ISO-like) or epoch numbers in s, ms or us.
+    """
+    frame = _read_text_csv(path)
+    return raw_bars(_by_alias(path, frame), np.arange(len(frame)) + 2)
+
+
+def read_parquet(path: Path, asset: str | None) -> pd.DataFrame:
+    """A Parquet table with the generic columns; the time may also be its (saved) index.
+
+    A row's number in messages is its 1-based position in the table.
+    """
+    try:
+        frame = pd.read_parquet(path)
+    except ImportError as err:
+        raise DataError(path, f"reading Parquet needs pyarrow ({err})") from None
+    except (OSError, ValueError) as err:
+        raise DataError(path, f"not a readable Parquet file: {err}") from None
+    if not isinstance(frame.index, pd.RangeIndex):
+        frame = frame.reset_index()
+    return raw_bars(_by_alias(path, frame), np.arange(len(frame)) + 1)
 
 
 READERS: dict[str, Reader] = {
     "cryptodatadownload": read_cryptodatadownload,
     "wide-multi-asset": read_wide_multi_asset,
     "generic-csv": read_generic_csv,
+    "parquet": read_parquet,
+    "binance-klines-csv": exchanges.read_binance_klines_csv,
+    "binance-klines-json": exchanges.read_binance_klines_json,
+    "coinbase-candles-csv": exchanges.read_coinbase_candles_csv,
+    "coinbase-candles-json": exchanges.read_coinbase_candles_json,
+    "coinbase-advanced-json": exchanges.read_coinbase_advanced_json,
+    "kraken-ohlcvt-csv": exchanges.read_kraken_ohlcvt_csv,
+    "ccxt-csv": exchanges.read_ccxt_csv,
+    "ccxt-json": exchanges.read_ccxt_json,
 }
+
+_HEADERLESS_BY_WIDTH = {12: "binance-klines-csv", 7: "kraken-ohlcvt-csv"}
+_SECONDS_BELOW = 1e11  # epoch magnitude that tells seconds (Coinbase) from ms (CCXT)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text.strip().strip('"'))
+    except ValueError:
+        return False
+    return True
+
+
+def _six_fields(first_time: str, encoding: str) -> str:
+    """Coinbase candles carry seconds, CCXT rows milliseconds: same width, other order."""
+    seconds = abs(float(first_time.strip().strip('"'))) < _SECONDS_BELOW
+    return f"{'coinbase-candles' if seconds else 'ccxt'}-{encoding}"
+
+
+def _detect_json(path: Path, text: str) -> str:
+    if text.startswith("{"):
+        if '"candles"' in text:
+            return "coinbase-advanced-json"
+        raise DataError(path, f"unknown JSON layout (starts {text[:80]!r})")
+    first = re.match(r"\[\s*\[([^\[\]]*)\]", text)
+    if first is None:
+        raise DataError(path, f"no bars, or an unknown JSON layout (starts {text[:80]!r})")
+    fields = first[1].split(",")
+    if len(fields) == 12:
+        return "binance-klines-json"
+    if len(fields) == 6 and _is_number(fields[0]):
+        return _six_fields(fields[0], "json")
+    raise DataError(path, f"unknown JSON layout: arrays of {len(fields)} fields", row=1)
+
+
+def _detect_csv(path: Path, lines: list[str]) -> str:
+    first = lines[0].strip()
+    if "cryptodatadownload" in first.lower() and len(lines) > 1 and "date" in lines[1].lower():
+        return "cryptodatadownload"
+    cells = [c.strip().lower() for c in next(csv.reader(io.StringIO(first)))]
+    if all(_is_number(c) for c in cells):
+        if len(cells) == 6:
+            return _six_fields(cells[0], "csv")
+        if len(cells) in _HEADERLESS_BY_WIDTH:
+            return _HEADERLESS_BY_WIDTH[len(cells)]
+    if any(":" in c and c.split(":")[1].strip() in OHLCV for c in cells):
+        return "wide-multi-asset"
+    if "open_time" in cells and "close_time" in cells:
+        return "binance-klines-csv"
+    if any(c in _ALIASES["close"] for c in cells):
+        return "generic-csv"
+    raise DataError(
+        path,
+        f"unknown layout; known layouts: {sorted(READERS)} (first line: {first[:80]!r})",
+        row=1,
+    )
 
 
 def detect_format(path: Path) -> str:
-    """Guess the layout from the first lines, so users need not say what they export."""
-    head = _read_head(path)
-    first = head[0].strip()
-    if not first:
+    """Guess the layout from the first bytes, so users need not say what they export."""
+    head = read_head(path)
+    if head.startswith(b"PAR1"):
+        return "parquet"
+    text = head.decode("utf-8", errors="replace").lstrip("\ufeff")
+    if not text.strip():
         raise DataError(path, "file is empty")
-    if "cryptodatadownload" in first.lower() and "date" in head[1].lower():
-        return "cryptodatadownload"
-    header = next(csv.reader(io.StringIO(first)))
-    if any(":" in cell and cell.split(":")[1].strip().lower() in OHLCV for cell in header):
-        return "wide-multi-asset"
-    if any(cell.strip().lower() in _ALIASES["close"] for cell in header):
-        return "generic-csv"
-    raise DataError(
-        path, f"unknown layout; known layouts: {sorted(READERS)} (first line: {first[:80]!r})"
-    )
+    if text.lstrip()[0] in "[{":
+        return _detect_json(path, text.lstrip())
+    return _detect_csv(path, text.splitlines())
 
 
 def split_asset(spec: str | Path) -> tuple[Path, str | None]:
@@ -203,7 +279,9 @@ def load_ohlcv(
     Parameters
     ----------
     path : str or Path
-        The file; ``file.csv#ASSET`` selects one asset of a wide multi-asset file.
+        The file; ``file.csv#ASSET`` selects one asset of a wide multi-asset file;
+        ``synthetic:instance=K[:key=value]...`` generates a synthetic venue instead (see
+        :mod:`sigmax_fl.data.synthetic`).
     fmt : str
         ``"auto"`` (detect from the content) or a key of :data:`READERS`.
     asset : str, optional
@@ -217,13 +295,16 @@ def load_ohlcv(
         Index: tz-aware UTC ``DatetimeIndex`` named ``timestamp``, strictly ascending and
         unique. Columns: float64 ``open, high, low, close, volume``. ``frame.attrs`` holds
         ``source`` (the file), ``bar_interval`` (a Timedelta) and ``report`` (counts of gaps,
-        zero-volume bars and repairs).
+        zero-volume bars and repairs); synthetic frames also ``synthetic`` (venue parameters
+        and the planted signal's true R^2).
 
     Raises
     ------
     DataError
         Naming the file, the row and the field, for anything that is not a clean series.
     """
+    if synthetic.is_synthetic(path):
+        return synthetic.load(str(path), policy=policy)
     file, suffix_asset = split_asset(path)
     asset = asset or suffix_asset
     if fmt == "auto":
@@ -231,7 +312,7 @@ def load_ohlcv(
     elif fmt not in READERS:
         raise DataError(file, f"unknown format '{fmt}'; known: {['auto', *sorted(READERS)]}")
     else:
-        _read_head(file)  # file-not-found as a DataError, before the reader's own error
+        read_head(file)  # file-not-found as a DataError, before the reader's own error
     raw = READERS[fmt](file, asset)
     label = f"{file}#{asset}" if asset else str(file)
     return validate_bars(raw, source=label, policy=policy)

@@ -1,17 +1,25 @@
-"""Which file an instance trains on: bundled series names, ``name=path`` entries, data dir.
+"""Which data an instance trains on: bundled names, ``name=path`` entries, synthetic venues.
 
 The ClientApp does not run from the project folder (simulation runs it from the installed
 app bundle, deployment from wherever the SuperNode was started), so every path is made
 absolute here, against one data directory that can be named explicitly.
+
+An entry ``synthetic:N[:key=value]...`` expands to N generated instances
+``synthetic-0000 ..`` (see :mod:`sigmax_fl.data.synthetic`); synthetic data always keeps
+venue ``synthetic`` and an id starting with ``synthetic-``, so that no report can pass it
+off as a real market.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from sigmax_fl.data import synthetic
 from sigmax_fl.data.errors import DataError
+from sigmax_fl.data.formats import split_asset
 from sigmax_fl.paths import project_root
 
 DATA_DIR_ENV = "SIGMAX_FL_DATA_DIR"
@@ -45,7 +53,8 @@ class DataSource:
 
     instance_id: str
     path: str
-    """Absolute file path, with ``#ASSET`` for a wide multi-asset file."""
+    """Absolute file path, with ``#ASSET`` for a wide multi-asset file; or the canonical
+    ``synthetic:instance=K:...`` spec of a generated series."""
     venue: str = ""
 
 
@@ -68,24 +77,69 @@ def resolve_data_dir(data_dir: str | Path = "") -> Path:
     return Path(data_dir).expanduser().resolve() if str(data_dir) else default_data_dir()
 
 
+def synthetic_label(instance_id: str) -> str:
+    """An instance id that says it is synthetic (``desk-a`` -> ``synthetic-desk-a``)."""
+    prefix = f"{synthetic.PREFIX}-"
+    return instance_id if instance_id.startswith(prefix) else prefix + instance_id
+
+
+def synthetic_sources(text: str, instance_id: str = "") -> list[DataSource]:
+    """The instances a ``synthetic:...`` entry names, venue ``synthetic``."""
+    spec, instances = synthetic.parse_spec(text)
+    if instance_id and len(instances) > 1:
+        raise DataError(
+            "data-sources",
+            f"'{instance_id}={text}' names {len(instances)} instances; a custom id fits "
+            "one (synthetic:instance=K)",
+            field="data-sources",
+        )
+    return [
+        DataSource(
+            synthetic_label(instance_id) if instance_id else synthetic.instance_id(i),
+            spec.path(i),
+            synthetic.VENUE,
+        )
+        for i in instances
+    ]
+
+
+def _split_entry(spec: str) -> tuple[str, str]:
+    """``id=target`` -> (id, target); a bare target (also ``synthetic:...:k=v``) has no id."""
+    if synthetic.is_synthetic(spec) or "=" not in spec:
+        return "", spec
+    instance_id, _, target = spec.partition("=")
+    return instance_id.strip(), target.strip()
+
+
 def resolve_source(spec: str, data_dir: str | Path = "", *, venue: str = "") -> DataSource:
     """Turn one ``data-sources`` entry into a :class:`DataSource`.
 
     Parameters
     ----------
     spec : str
-        A bundled name (``coinbase-btc-usd-1d``), a path, or ``instance-id=path-or-name``.
+        A bundled name (``coinbase-btc-usd-1d``), a path, ``instance-id=path-or-name``, or
+        one synthetic instance (``synthetic:instance=K[:key=value]...``).
         A path may end in ``#ASSET`` to pick one asset of a wide file.
     data_dir : str or Path
         Where bundled files and relative paths live; empty means :func:`default_data_dir`.
     venue : str
-        Overrides the venue (a SuperNode's node config says it).
+        Overrides the venue (a SuperNode's node config says it); not for synthetic data,
+        whose venue is always ``synthetic``.
     """
     spec = spec.strip()
     if not spec:
         raise DataError("data-sources", "empty entry", field="data-sources")
-    instance_id, _, target = spec.partition("=") if "=" in spec else ("", "", spec)
-    instance_id, target = instance_id.strip(), target.strip()
+    instance_id, target = _split_entry(spec)
+    if synthetic.is_synthetic(target):
+        sources = synthetic_sources(target, instance_id)
+        if len(sources) > 1:
+            raise DataError(
+                "data-sources",
+                f"'{target}' names {len(sources)} instances; here one is needed "
+                "(synthetic:instance=K)",
+                field="data-sources",
+            )
+        return sources[0]
     root = resolve_data_dir(data_dir)
     if target in BUNDLED:
         bundled = BUNDLED[target]
@@ -111,8 +165,16 @@ def resolve_source(spec: str, data_dir: str | Path = "", *, venue: str = "") -> 
 
 
 def parse_sources(text: str, data_dir: str | Path = "") -> list[DataSource]:
-    """Parse the comma-separated ``data-sources`` run-config value; instance ids are unique."""
-    sources = [resolve_source(entry, data_dir) for entry in text.split(",") if entry.strip()]
+    """Parse the comma-separated ``data-sources`` run-config value; instance ids are unique.
+
+    ``synthetic:N[:key=value]...`` entries expand to N instances each.
+    """
+    sources: list[DataSource] = []
+    for entry in (e.strip() for e in text.split(",")):
+        if synthetic.is_synthetic(entry):
+            sources.extend(synthetic_sources(entry))
+        elif entry:
+            sources.append(resolve_source(entry, data_dir))
     if not sources:
         raise DataError("data-sources", "no data source given", field="data-sources")
     seen: set[str] = set()
@@ -137,9 +199,7 @@ def source_for_node(node_config: dict, data_sources: str, data_dir: str | Path =
     if "data-path" in node_config:
         path = str(node_config["data-path"])
         source = resolve_source(path, data_dir, venue=str(node_config.get("venue", "")))
-        return DataSource(
-            str(node_config.get("instance-id", source.instance_id)), source.path, source.venue
-        )
+        return _named(source, node_config)
     if "partition-id" in node_config:
         sources = parse_sources(data_sources, data_dir)
         partition, partitions = int(node_config["partition-id"]), int(node_config["num-partitions"])
@@ -150,13 +210,31 @@ def source_for_node(node_config: dict, data_sources: str, data_dir: str | Path =
                 f'with --federation-config "num-supernodes={len(sources)}" or add sources',
                 field="data-sources",
             )
-        source = sources[partition]
-        if "instance-id" in node_config:
-            return DataSource(str(node_config["instance-id"]), source.path, source.venue)
-        return source
+        return _named(sources[partition], node_config)
     raise DataError(
         "node config",
         "no 'data-path' (a SuperNode needs --node-config \"data-path=FILE instance-id=NAME\") "
         "and no simulation 'partition-id'",
         field="data-path",
     )
+
+
+def _named(source: DataSource, node_config: dict) -> DataSource:
+    """The node config's ``instance-id`` if it has one (still labelled synthetic if so)."""
+    if "instance-id" not in node_config:
+        return source
+    instance_id = str(node_config["instance-id"])
+    if source.venue == synthetic.VENUE:
+        instance_id = synthetic_label(instance_id)
+    return DataSource(instance_id, source.path, source.venue)
+
+
+def source_digest(path: str) -> str:
+    """A hash of an instance's data: the file's bytes, or a synthetic series' spec.
+
+    Feature caches key on it, so that a changed export (or generator) rebuilds them.
+    """
+    if synthetic.is_synthetic(path):
+        return synthetic.spec_digest(path)
+    file, _ = split_asset(path)
+    return hashlib.sha256(file.read_bytes()).hexdigest()

@@ -1,12 +1,25 @@
 """One policy for every layout: what counts as corrupt, and what is just real data.
 
-Corrupt (``strict``: a :class:`DataError`; ``repair``: the row is dropped, counted and logged):
-duplicate timestamps, rows out of order, bar intervals that are not multiples of the series'
-interval, OHLC violations, non-positive prices, NaN cells, negative volume.
+Corrupt (``strict``: a :class:`DataError` naming file, row and field; ``repair``: the row is
+dropped, counted in ``attrs["report"]["repairs"]`` and logged with the file name):
+
+- a cell that is not a number or not a time; an empty or NaN cell inside the series; an
+  infinite value; a non-positive price; high below open or close, low above them; negative
+  volume;
+- rows out of order (``repair`` sorts them), duplicate timestamps (``repair`` keeps one of
+  exact copies and drops every row of a timestamp whose copies disagree, as there is no
+  telling which is right);
+- a *replayed block*: two or more consecutive bars that repeat, value for value, an earlier
+  run of bars under later timestamps (``repair`` keeps the earlier copy). Real bars with a
+  price range and a traded volume never coincide in all five numbers twice in a row, so only
+  a copy does this; flat zero-volume bars are exempt because repeating them is normal;
+- a step between bars that is not a whole number of bars (mixed intervals; ``repair``
+  drops the off-grid bars). Daily or longer bars may be off by up to an hour, because
+  daily bars stamped at a local session time move by an hour at daylight-saving changes.
 
 Not corrupt, and never "fixed": gaps (missing bars, market closures) and flat zero-volume
-bars. They are counted in ``frame.attrs["report"]`` so the operator sees them, and
-:mod:`sigmax_fl.features` decides how targets treat long gaps.
+bars. They are counted in ``attrs["report"]`` so the operator sees them, and
+:mod:`sigmax_fl.features` decides how targets treat long gaps. A gap is never filled.
 """
 
 from __future__ import annotations
@@ -18,42 +31,47 @@ import numpy as np
 import pandas as pd
 
 from sigmax_fl.data.errors import DataError
+from sigmax_fl.data.parsing import OHLCV
 
-OHLCV = ("open", "high", "low", "close", "volume")
 POLICIES = ("strict", "repair")
+DST_TOLERANCE = pd.Timedelta(hours=1)
+"""How far a daily (or longer) bar may sit off the grid: one daylight-saving shift."""
 
 # A child of Flower's logger, so these lines reach `flwr log` and the run's stream.
 log = logging.getLogger(f"flwr.{__name__}")
 
-
-def _col(frame: pd.DataFrame, name: str) -> np.ndarray:
-    return frame[name].to_numpy()
+__all__ = ["OHLCV", "POLICIES", "bar_interval", "validate_bars"]
 
 
-_ROW_CHECKS: list[tuple[str, str, Callable[[pd.DataFrame], np.ndarray]]] = [
-    *[
-        (k, "empty or NaN cell inside the series", lambda f, k=k: f[k].isna().to_numpy())
-        for k in OHLCV
-    ],
-    ("close", "infinite value", lambda f: np.isinf(f[list(OHLCV)].to_numpy()).any(axis=1)),
-    (
-        "close",
-        "non-positive price",
-        lambda f: (f[["open", "high", "low", "close"]].to_numpy() <= 0).any(axis=1),
-    ),
-    (
-        "high",
-        "high below open or close",
-        lambda f: _col(f, "high") < np.maximum(_col(f, "open"), _col(f, "close")),
-    ),
-    (
-        "low",
-        "low above open or close",
-        lambda f: _col(f, "low") > np.minimum(_col(f, "open"), _col(f, "close")),
-    ),
-    ("volume", "negative volume", lambda f: _col(f, "volume") < 0),
+Columns = dict[str, np.ndarray]
+
+_ROW_CHECKS: list[tuple[str, str, Callable[[Columns], np.ndarray]]] = [
+    *[(k, "empty or NaN cell inside the series", lambda c, k=k: np.isnan(c[k])) for k in OHLCV],
+    *[(k, "infinite value", lambda c, k=k: np.isinf(c[k])) for k in OHLCV],
+    *[(k, "non-positive price", lambda c, k=k: c[k] <= 0) for k in OHLCV[:4]],
+    ("high", "high below open or close", lambda c: c["high"] < np.maximum(c["open"], c["close"])),
+    ("low", "low above open or close", lambda c: c["low"] > np.minimum(c["open"], c["close"])),
+    ("volume", "negative volume", lambda c: c["volume"] < 0),
 ]
 """(field, problem, mask of offending rows), in the order problems are reported."""
+
+
+def _ns(frame: pd.DataFrame) -> np.ndarray:
+    """The timestamps as int64 nanoseconds, whatever resolution the reader produced."""
+    return pd.DatetimeIndex(frame["timestamp"]).as_unit("ns").asi8
+
+
+def _line(frame: pd.DataFrame, i: int) -> object:
+    return frame["_line"].iloc[i] if "_line" in frame else i + 1
+
+
+def _drop(
+    frame: pd.DataFrame, mask: np.ndarray, problem: str, source: str, repairs: dict[str, int]
+) -> pd.DataFrame:
+    """The ``repair`` side of the policy: drop, count, and log with the file name."""
+    repairs[problem] = repairs.get(problem, 0) + int(mask.sum())
+    log.warning("%s: dropped %d row(s): %s", source, int(mask.sum()), problem)
+    return frame.loc[~mask].reset_index(drop=True)
 
 
 def _fail_or_drop(
@@ -69,72 +87,157 @@ def _fail_or_drop(
         return frame
     if policy == "strict":
         i = int(np.flatnonzero(mask)[0])
-        line = frame["_line"].iloc[i] if "_line" in frame else i + 1
-        stamp = frame["timestamp"].iloc[i]
         raise DataError(
             source,
-            f"{problem} at {stamp} (data-policy=strict; 'repair' drops such rows)",
-            row=line,
+            f"{problem} at {frame['timestamp'].iloc[i]} (data-policy=strict; 'repair' drops "
+            "such rows)",
+            row=_line(frame, i),
             field=field,
         )
-    repairs[problem] = repairs.get(problem, 0) + int(mask.sum())
-    log.warning("%s: dropped %d row(s): %s", source, int(mask.sum()), problem)
-    return frame.loc[~mask].reset_index(drop=True)
+    return _drop(frame, mask, problem, source, repairs)
 
 
-def _order(frame: pd.DataFrame, source: str, policy: str, repairs: dict[str, int]) -> pd.DataFrame:
-    """Ascending, or newest first as many exports are; rows out of that order are corrupt."""
-    steps = frame["timestamp"].diff().dt.total_seconds()
-    if (steps < 0).sum() > (steps > 0).sum():  # a newest-first export
-        frame = frame.iloc[::-1].reset_index(drop=True)
-    stamps = frame["timestamp"]
-    if not stamps.is_monotonic_increasing:
-        if policy == "strict":
-            diffs = stamps.diff().dt.total_seconds().to_numpy()
-            i = int(np.flatnonzero(diffs < 0)[0])
-            line = frame["_line"].iloc[i] if "_line" in frame else i + 1
-            raise DataError(
-                source,
-                f"rows out of order: {stamps.iloc[i]} after {stamps.iloc[i - 1]}",
-                row=line,
-                field="timestamp",
-            )
-        repairs["rows out of order (sorted)"] = int((stamps.diff().dt.total_seconds() < 0).sum())
-        frame = frame.sort_values("timestamp", kind="stable").reset_index(drop=True)
-    dup = frame["timestamp"].duplicated(keep=False).to_numpy()
-    if dup.any():
-        if policy == "strict":
-            i = int(np.flatnonzero(dup)[1])
-            line = frame["_line"].iloc[i] if "_line" in frame else i + 1
-            raise DataError(
-                source,
-                f"duplicate timestamp {frame['timestamp'].iloc[i]}",
-                row=line,
-                field="timestamp",
-            )
-        exact = frame.duplicated(subset=["timestamp", *OHLCV], keep="first").to_numpy()
-        frame = _fail_or_drop(
-            frame, exact, "timestamp", "exact duplicate row", source, policy, repairs
-        )
-        conflict = frame["timestamp"].duplicated(keep=False).to_numpy()
-        frame = _fail_or_drop(
-            frame,
-            conflict,
-            "timestamp",
-            "same timestamp with different values",
+def _unparsed(
+    frame: pd.DataFrame, source: str, policy: str, repairs: dict[str, int]
+) -> pd.DataFrame:
+    """Rows a reader could not parse (a cell that is not a number or a time)."""
+    if "_problem" not in frame:
+        return frame
+    mask = (frame["_problem"] != "").to_numpy()
+    if mask.any() and policy == "strict":
+        i = int(np.flatnonzero(mask)[0])
+        raise DataError(
             source,
-            policy,
-            repairs,
+            f"{frame['_problem'].iloc[i]} (data-policy=strict; 'repair' drops such rows)",
+            row=_line(frame, i),
+            field=frame["_field"].iloc[i] or None,
         )
+    if mask.any():
+        frame = _drop(frame, mask, "unparseable cell or row", source, repairs)
+    return frame.drop(columns=["_problem", "_field"])
+
+
+def _newest_first_reversed(frame: pd.DataFrame) -> pd.DataFrame:
+    """Many exports list the newest bar first; that order is a layout, not a defect."""
+    steps = np.diff(_ns(frame))
+    if (steps < 0).sum() > (steps > 0).sum():
+        return frame.iloc[::-1].reset_index(drop=True)
     return frame
 
 
+def _sorted(frame: pd.DataFrame, source: str, policy: str, repairs: dict[str, int]) -> pd.DataFrame:
+    """Rows out of (ascending) order are corrupt: strict names the first, repair sorts."""
+    stamps = frame["timestamp"]
+    if stamps.is_monotonic_increasing:
+        return frame
+    backwards = np.flatnonzero(np.diff(_ns(frame)) < 0) + 1
+    if policy == "strict":
+        i = int(backwards[0])
+        raise DataError(
+            source,
+            f"rows out of order: {stamps.iloc[i]} after {stamps.iloc[i - 1]} "
+            "(data-policy=strict; 'repair' sorts them)",
+            row=_line(frame, i),
+            field="timestamp",
+        )
+    problem = "rows out of order (sorted)"
+    repairs[problem] = len(backwards)
+    log.warning("%s: sorted %d row(s) that were out of order", source, len(backwards))
+    return frame.sort_values("timestamp", kind="stable").reset_index(drop=True)
+
+
+def _deduplicated(
+    frame: pd.DataFrame, source: str, policy: str, repairs: dict[str, int]
+) -> pd.DataFrame:
+    dup = frame["timestamp"].duplicated(keep="first").to_numpy()
+    if not dup.any():
+        return frame
+    if policy == "strict":
+        i = int(np.flatnonzero(dup)[0])
+        raise DataError(
+            source,
+            f"duplicate timestamp {frame['timestamp'].iloc[i]} (data-policy=strict; 'repair' "
+            "keeps one of identical copies)",
+            row=_line(frame, i),
+            field="timestamp",
+        )
+    exact = frame.duplicated(subset=["timestamp", *OHLCV], keep="first").to_numpy()
+    if exact.any():
+        frame = _drop(frame, exact, "exact duplicate row", source, repairs)
+    conflict = frame["timestamp"].duplicated(keep=False).to_numpy()
+    if conflict.any():
+        frame = _drop(frame, conflict, "same timestamp with different values", source, repairs)
+    return frame
+
+
+def _replayed_rows(frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """Rows that repeat an earlier run of bars value for value: (mask, position of original).
+
+    A row counts when its open, high, low, close and volume equal those of an earlier row,
+    the bar has a range and a volume, and its neighbour repeats the neighbour of that
+    earlier row at the same distance, i.e. a run of at least two consecutive copies.
+    """
+    values = frame[list(OHLCV)].to_numpy(dtype="float64")
+    _, first_of_kind, kind = np.unique(values, axis=0, return_index=True, return_inverse=True)
+    first = first_of_kind[kind.ravel()]
+    position = np.arange(len(values))
+    lively = (values[:, 1] > values[:, 2]) & (values[:, 4] > 0)
+    lag = np.where(lively & (first < position), position - first, 0)
+    before = np.concatenate([[0], lag[:-1]])
+    after = np.concatenate([lag[1:], [0]])
+    return (lag > 0) & ((lag == before) | (lag == after)), first
+
+
+def _replays(
+    frame: pd.DataFrame, source: str, policy: str, repairs: dict[str, int]
+) -> pd.DataFrame:
+    mask, first = _replayed_rows(frame)
+    if not mask.any():
+        return frame
+    if policy == "strict":
+        i = int(np.flatnonzero(mask)[0])
+        j = int(first[i])
+        raise DataError(
+            source,
+            f"the bar at {frame['timestamp'].iloc[i]} repeats, value for value, the bar at "
+            f"{frame['timestamp'].iloc[j]} (row {_line(frame, j)}), in a run of copied bars "
+            "(data-policy=strict; 'repair' drops the later copies)",
+            row=_line(frame, i),
+            field="open,high,low,close,volume",
+        )
+    return _drop(frame, mask, "replayed block of bars (later copy)", source, repairs)
+
+
 def bar_interval(stamps: pd.Series | pd.DatetimeIndex) -> pd.Timedelta:
-    """The series' bar: the most common step between consecutive bars."""
-    steps = pd.Series(stamps).diff().dropna()
-    if steps.empty:
+    """The series' bar: the most common step between consecutive bars (the shortest of ties)."""
+    steps = np.diff(pd.DatetimeIndex(stamps).as_unit("ns").asi8)
+    if len(steps) == 0:
         return pd.Timedelta(0)
-    return steps.mode().iloc[0]
+    values, counts = np.unique(steps, return_counts=True)
+    return pd.Timedelta(int(values[counts.argmax()]), unit="ns")
+
+
+def _tolerance(interval: pd.Timedelta) -> int:
+    """Nanoseconds a step may differ from a whole number of bars."""
+    return DST_TOLERANCE.value if interval >= pd.Timedelta(days=1) else 0
+
+
+def _off_grid(stamps: np.ndarray, interval: int, tolerance: int) -> np.ndarray:
+    """Bars whose step from the last kept bar is not a whole number of bars.
+
+    Scanned bar by bar (only when some step is off), so that after one stray bar the next
+    regular bar is measured from the last kept one and is not dropped too.
+    """
+    off = np.zeros(len(stamps), dtype=bool)
+    last = stamps[0]
+    for i in range(1, len(stamps)):
+        step = stamps[i] - last
+        remainder = min(step % interval, interval - step % interval)
+        if step > 0 and remainder <= tolerance:
+            last = stamps[i]
+        else:
+            off[i] = True
+    return off
 
 
 def _intervals(
@@ -144,18 +247,37 @@ def _intervals(
     interval = bar_interval(frame["timestamp"])
     if interval <= pd.Timedelta(0):
         return frame
-    steps = frame["timestamp"].diff().to_numpy()[1:]
-    ratio = steps / interval.to_timedelta64()
-    mixed = np.concatenate([[False], np.abs(ratio - np.round(ratio)) > 1e-9])
-    return _fail_or_drop(
-        frame,
-        mixed,
-        "timestamp",
-        f"step is not a multiple of the {interval} bar (mixed intervals)",
-        source,
-        policy,
-        repairs,
+    stamps = _ns(frame)
+    steps = np.diff(stamps)
+    remainder = np.minimum(steps % interval.value, interval.value - steps % interval.value)
+    if (remainder <= _tolerance(interval)).all():
+        return frame
+    problem = f"step is not a multiple of the {interval} bar (mixed intervals)"
+    if policy == "strict":
+        mask = np.concatenate([[False], remainder > _tolerance(interval)])
+        return _fail_or_drop(frame, mask, "timestamp", problem, source, policy, repairs)
+    return _drop(
+        frame, _off_grid(stamps, interval.value, _tolerance(interval)), problem, source, repairs
     )
+
+
+def _report(bars: pd.DataFrame, interval: pd.Timedelta, repairs: dict[str, int]) -> dict:
+    """What the operator should know about the series: size, gaps, flat bars, repairs."""
+    steps = np.diff(bars.index.asi8)
+    gap_at = np.flatnonzero(steps > interval.value + _tolerance(interval)) + 1
+    gaps = steps[gap_at - 1]
+    longest = int(gaps.argmax()) if len(gaps) else None
+    return {
+        "rows": len(bars),
+        "first": str(bars.index[0]),
+        "last": str(bars.index[-1]),
+        "gaps": len(gaps),
+        "missing_bars": int((np.round(gaps / interval.value) - 1).sum()),
+        "longest_gap": str(pd.Timedelta(int(gaps[longest]))) if len(gaps) else "0",
+        "longest_gap_ends": str(bars.index[gap_at[longest]]) if len(gaps) else None,
+        "zero_volume_bars": int((bars["volume"].to_numpy() == 0).sum()),
+        "repairs": repairs,
+    }
 
 
 def validate_bars(raw: pd.DataFrame, *, source: str, policy: str = "strict") -> pd.DataFrame:
@@ -165,7 +287,8 @@ def validate_bars(raw: pd.DataFrame, *, source: str, policy: str = "strict") -> 
     ----------
     raw : pandas.DataFrame
         A ``timestamp`` column (tz-aware UTC), the OHLCV columns as float64, and optionally
-        ``_line`` (the line number in the file, for messages).
+        ``_line`` (where the row is in the file, for messages) and ``_problem`` /
+        ``_field`` (a cell the reader could not parse).
     source : str
         The file (and asset) the rows came from, named in every error and log line.
     policy : {"strict", "repair"}
@@ -175,7 +298,8 @@ def validate_bars(raw: pd.DataFrame, *, source: str, policy: str = "strict") -> 
     Returns
     -------
     pandas.DataFrame
-        The canonical frame (see :func:`sigmax_fl.data.load_ohlcv`).
+        The canonical frame (see :func:`sigmax_fl.data.load_ohlcv`); gaps are reported in
+        ``attrs["report"]`` and logged, never filled.
     """
     if policy not in POLICIES:
         raise DataError(
@@ -186,30 +310,32 @@ def validate_bars(raw: pd.DataFrame, *, source: str, policy: str = "strict") -> 
     if raw.empty:
         raise DataError(source, "no bars")
     repairs: dict[str, int] = {}
-    frame = raw.reset_index(drop=True)
+    frame = _unparsed(raw.reset_index(drop=True), source, policy, repairs)
+    columns = {k: frame[k].to_numpy(dtype="float64") for k in OHLCV}
     for field, problem, check in _ROW_CHECKS:
-        frame = _fail_or_drop(frame, check(frame), field, problem, source, policy, repairs)
-    frame = _order(frame, source, policy, repairs)
-    frame = _intervals(frame, source, policy, repairs)
+        mask = check(columns)
+        if mask.any():
+            frame = _fail_or_drop(frame, mask, field, problem, source, policy, repairs)
+            columns = {k: frame[k].to_numpy(dtype="float64") for k in OHLCV}
     if frame.empty:
         raise DataError(source, "no valid bars left after repair")
-    interval = bar_interval(frame["timestamp"])
-    steps = frame["timestamp"].diff().dropna()
-    gaps = steps[steps > interval]
-    bars = frame.set_index("timestamp")[list(OHLCV)].astype("float64")
-    bars.index.name = "timestamp"
-    bars.attrs = {
-        "source": source,
-        "bar_interval": interval,
-        "report": {
-            "rows": len(bars),
-            "first": str(bars.index[0]),
-            "last": str(bars.index[-1]),
-            "gaps": len(gaps),
-            "missing_bars": int(((gaps / interval).round() - 1).sum()) if len(gaps) else 0,
-            "longest_gap": str(gaps.max()) if len(gaps) else "0",
-            "zero_volume_bars": int((bars["volume"] == 0).sum()),
-            "repairs": repairs,
-        },
-    }
+    frame = _newest_first_reversed(frame)
+    for step in (_sorted, _deduplicated, _replays, _intervals):
+        frame = step(frame, source, policy, repairs)
+    bars = pd.DataFrame(
+        {k: frame[k].to_numpy(dtype="float64") for k in OHLCV},
+        index=pd.DatetimeIndex(frame["timestamp"], name="timestamp").as_unit("ns"),
+    )
+    interval = bar_interval(bars.index)
+    report = _report(bars, interval, repairs)
+    if report["gaps"]:
+        log.info(
+            "%s: %d gap(s), %d missing bar(s), longest %s ending %s; kept as gaps, not filled",
+            source,
+            report["gaps"],
+            report["missing_bars"],
+            report["longest_gap"],
+            report["longest_gap_ends"],
+        )
+    bars.attrs = {"source": source, "bar_interval": interval, "report": report}
     return bars
