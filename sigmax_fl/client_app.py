@@ -8,6 +8,7 @@ validation loss, hit rate, IC and rank IC.
 from __future__ import annotations
 
 import zlib
+from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -15,10 +16,16 @@ from flwr.clientapp import ClientApp
 
 from sigmax_fl import task
 from sigmax_fl.data import source_for_node
-from sigmax_fl.dataset import InstanceData, Recipe, load_instance
+from sigmax_fl.dataset import InstanceData, Recipe, default_cache_dir, load_instance
 from sigmax_fl.model import build_model
+from sigmax_fl.privacy import (
+    dp_sgd_schedule,
+    load_local_accountant,
+    save_local_accountant,
+    train_dp_sgd,
+)
 from sigmax_fl.settings import Settings
-from sigmax_fl.strategy import META_KEY, WEIGHT_KEY
+from sigmax_fl.strategy import EPSILON_KEY, META_KEY, WEIGHT_KEY
 
 # A 15k-parameter MLP gains nothing from intra-op threads, and simulated instances share
 # the machine's cores: one thread each avoids oversubscription.
@@ -65,6 +72,9 @@ def train(message: Message, context: Context) -> Message:
     model = _model(settings, message)
     server_round = int(message.content["config"].get("server-round", 0))
 
+    if settings.dp == "local":
+        return _train_dp(message, settings, instance_id, data, model)
+
     # Train locally, seeded by run seed, round and instance, so a rerun is identical
     seed = settings.seed * 1_000_003 + server_round * 7919 + zlib.crc32(instance_id.encode())
     train_loss = task.train(
@@ -81,6 +91,59 @@ def train(message: Message, context: Context) -> Message:
     # Reply with the weights and the example count the server weighs them by
     metrics = {"train_loss": train_loss, WEIGHT_KEY: data.rows("train")}
     return _reply(message, instance_id, metrics, ArrayRecord(model.state_dict()))
+
+
+def ledger_path(instance_id: str) -> Path:
+    """The instance's DP ledger, on its own disk, kept across rounds and runs."""
+    return default_cache_dir().parent / "privacy-ledger" / f"{instance_id}.json"
+
+
+def _train_dp(
+    message: Message,
+    settings: Settings,
+    instance_id: str,
+    data: InstanceData,
+    model: torch.nn.Module,
+) -> Message:
+    """Local DP: DP-SGD on this instance's rows; epsilon per training row, kept on its disk.
+
+    The budget is checked before training, so an instance never spends past
+    ``dp-target-epsilon``; it refuses (an error reply) instead. The ledger is saved before the
+    reply leaves. No training loss is sent: it is computed from the raw rows, outside epsilon.
+    The noise is not seeded from the (public) run seed, so it cannot be regenerated.
+    """
+    path = ledger_path(instance_id)
+    accountant = load_local_accountant(path)
+    rows = data.rows("train")
+    q, steps = dp_sgd_schedule(rows, settings.batch_size, settings.local_epochs)
+    z, delta = settings.dp_noise_multiplier, settings.dp_delta
+    target = settings.dp_target_epsilon
+    if target and accountant.would_exceed(
+        target, delta, steps, noise_multiplier=z, sampling_rate=q
+    ):
+        raise PrivacyBudgetError(
+            f"{instance_id}: this round would take per-row epsilon past dp-target-epsilon "
+            f"{target} (now {accountant.epsilon(delta):.4g} at delta {delta}); ledger {path}"
+        )
+    _, steps, q = train_dp_sgd(
+        model,
+        data.X("train"),
+        data.y("train"),
+        epochs=settings.local_epochs,
+        batch_size=settings.batch_size,
+        learning_rate=settings.learning_rate,
+        clip_norm=settings.dp_clip_norm,
+        noise_multiplier=z,
+        optimizer=settings.optimizer,
+    )
+    accountant.step(z, q, steps)
+    save_local_accountant(path, accountant)
+    metrics = {WEIGHT_KEY: rows, EPSILON_KEY: accountant.epsilon(delta)}
+    return _reply(message, instance_id, metrics, ArrayRecord(model.state_dict()))
+
+
+class PrivacyBudgetError(RuntimeError):
+    """The instance's DP budget would be exceeded by one more round."""
 
 
 @app.evaluate()

@@ -21,8 +21,9 @@ from flwr.serverapp import Grid, ServerApp
 
 from sigmax_fl import runs
 from sigmax_fl.model import build_model
+from sigmax_fl.privacy import CentralAccountant, central_noise_std
 from sigmax_fl.settings import STOPPING_METRICS, Settings
-from sigmax_fl.strategy import Screened, WeightedFedAvg, as_numpy
+from sigmax_fl.strategy import EPSILON_KEY, Screened, WeightedFedAvg, as_numpy
 
 log = logging.getLogger(f"flwr.{__name__}")
 
@@ -49,6 +50,8 @@ class ServerState:
     best_arrays: dict[str, np.ndarray] | None = None
     stale_rounds: int = 0
     rng: dict[str, Any] = field(default_factory=dict)
+    privacy: dict[str, Any] = field(default_factory=dict)
+    """The central-DP accountant's state: a resumed run keeps spending the same budget."""
     history: tuple[dict[str, Any], ...] = ()
 
     def to_checkpoint(self, run_config: dict[str, Any]) -> dict[str, Any]:
@@ -63,6 +66,7 @@ class ServerState:
             "best_arrays": tensors(self.best_arrays),
             "stale_rounds": self.stale_rounds,
             "rng": json.dumps(self.rng),
+            "privacy": json.dumps(self.privacy),
             "history": json.dumps(list(self.history), default=str),
             "run_config": json.dumps(run_config),
         }
@@ -80,6 +84,7 @@ class ServerState:
             best_arrays=arrays(payload["best_arrays"]) or None,
             stale_rounds=int(payload["stale_rounds"]),
             rng=json.loads(payload["rng"]),
+            privacy=json.loads(payload["privacy"]),
             history=tuple(json.loads(payload["history"])),
         )
 
@@ -111,10 +116,35 @@ def _improved(score: float | None, best: float | None, metric: str) -> bool:
     return score < best if STOPPING_METRICS[metric] == "min" else score > best
 
 
+def _privacy(
+    settings: Settings, accountant: CentralAccountant | None, train: list[Screened]
+) -> dict[str, Any] | None:
+    """Epsilon spent so far: per instance (central) or the largest per-row figure (local)."""
+    if accountant is not None:
+        return {"mode": "central", **accountant.report(settings.dp_delta)}
+    if settings.dp == "local":
+        spent = [s.metrics[EPSILON_KEY] for s in train if EPSILON_KEY in s.metrics]
+        return {
+            "mode": "local",
+            "unit": "training row (largest over the instances that replied)",
+            "epsilon": max(spent) if spent else None,
+            "delta": settings.dp_delta,
+        }
+    return None
+
+
 def run_round(
-    state: ServerState, strategy: WeightedFedAvg, grid: Grid, settings: Settings
+    state: ServerState,
+    strategy: WeightedFedAvg,
+    grid: Grid,
+    settings: Settings,
+    accountant: CentralAccountant | None = None,
 ) -> ServerState:
-    """One federated round; returns the next state, leaving the given one untouched."""
+    """One federated round; returns the next state, leaving the given one untouched.
+
+    ``accountant`` (central DP) is charged one Gaussian release for a round that changed the
+    global model; a skipped round released nothing.
+    """
     server_round = state.round + 1
     started = time.monotonic()
     sent = _record(state.arrays)
@@ -126,6 +156,8 @@ def run_round(
     )
     new_arrays, train_metrics = strategy.aggregate_train(server_round, train_replies)
     arrays = state.arrays if new_arrays is None else {k: as_numpy(a) for k, a in new_arrays.items()}
+    if accountant is not None and new_arrays is not None:
+        accountant.step(settings.dp_noise_multiplier, sampling_rate=1.0)
 
     # Evaluate: every sampled instance scores the new global model on its validation rows
     evaluate_replies = grid.send_and_receive(
@@ -148,6 +180,8 @@ def run_round(
         "evaluate": evaluate_metrics,
         "instances": _per_instance(strategy.last_train, strategy.last_evaluate),
     }
+    if (privacy := _privacy(settings, accountant, strategy.last_train)) is not None:
+        record["privacy"] = privacy
     return replace(
         state,
         round=server_round,
@@ -157,6 +191,7 @@ def run_round(
         best_arrays=arrays if better else state.best_arrays,
         stale_rounds=0 if better else state.stale_rounds + 1,
         rng=strategy.rng.bit_generator.state,
+        privacy=accountant.state_dict() if accountant is not None else {},
         history=(*state.history, record),
     )
 
@@ -168,12 +203,39 @@ def _progress(record: dict[str, Any], total: int, elapsed: float, done_here: int
     def fmt(value: object) -> str:
         return f"{value:.6g}" if isinstance(value, float) else "n/a"
 
+    privacy = record.get("privacy")
+    epsilon = f" epsilon={fmt(privacy['epsilon'])}" if privacy else ""
     return (
         f"round {record['round']}/{total} elapsed {elapsed:.1f}s ETA {eta:.0f}s: "
         f"train_loss={fmt(train.get('train_loss'))} val_loss={fmt(evaluate.get('val_loss'))} "
         f"hit_rate={fmt(evaluate.get('hit_rate'))} ic={fmt(evaluate.get('ic'))} "
         f"replies ok={train.get('replies-ok', 0)} rejected={train.get('replies-rejected', 0)}"
+        + epsilon
         + (" SKIPPED (global model kept)" if record["skipped"] else "")
+    )
+
+
+def _central_noise_std(settings: Settings) -> float:
+    """Noise std z * 2 * s_max * C: shares are renormalised over replies (sigmax_fl.privacy)."""
+    if settings.dp != "central":
+        return 0.0
+    return central_noise_std(
+        settings.dp_clip_norm,
+        settings.dp_noise_multiplier,
+        settings.max_weight_share,
+        renormalised=True,
+    )
+
+
+def _budget_spent(settings: Settings, accountant: CentralAccountant | None) -> bool:
+    """True if one more round would take central epsilon past ``dp-target-epsilon``."""
+    if accountant is None or not settings.dp_target_epsilon:
+        return False
+    return accountant.would_exceed(
+        settings.dp_target_epsilon,
+        settings.dp_delta,
+        noise_multiplier=settings.dp_noise_multiplier,
+        sampling_rate=1.0,
     )
 
 
@@ -221,14 +283,28 @@ def main(grid: Grid, context: Context) -> None:
         min_evaluate_nodes=settings.min_train_nodes,
         min_available_nodes=settings.min_available_nodes,
         seed=settings.seed,
+        noise_std=_central_noise_std(settings),
     )
     if state.rng:
         strategy.rng.bit_generator.state = state.rng
+    accountant = CentralAccountant() if settings.dp == "central" else None
+    if accountant is not None and state.privacy:
+        accountant.load_state_dict(state.privacy)
 
     started, first_round = time.monotonic(), state.round
-    stopped_early = False
+    stopped_early = stopped_for_budget = False
     while state.round < settings.num_server_rounds:
-        state = run_round(state, strategy, grid, settings)
+        if _budget_spent(settings, accountant):
+            log.info(
+                "sigmax-fl: stopping before round %d: it would take epsilon past "
+                "dp-target-epsilon %.4g (delta %.2g)",
+                state.round + 1,
+                settings.dp_target_epsilon,
+                settings.dp_delta,
+            )
+            stopped_for_budget = True
+            break
+        state = run_round(state, strategy, grid, settings, accountant)
         record = state.history[-1]
         runs.write_checkpoint(
             run_dir,
@@ -272,6 +348,8 @@ def main(grid: Grid, context: Context) -> None:
     summary = {
         "rounds_run": state.round,
         "stopped_early": stopped_early,
+        "stopped_for_privacy_budget": stopped_for_budget,
+        "privacy": state.history[-1].get("privacy") if state.history else None,
         "best_round": state.best_round,
         "best_metric": settings.early_stopping_metric,
         "best_value": state.best_score,

@@ -6,6 +6,7 @@ pyproject.toml or ``--run-config`` is an error naming the key, not a silent defa
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -19,6 +20,7 @@ OPTIMIZERS = ("adam", "sgd")
 STOPPING_METRICS = {"val_loss": "min", "ic": "max", "rank_ic": "max", "hit_rate": "max"}
 """Aggregated validation metrics early stopping can watch, and which way is better."""
 DATA_POLICIES = ("strict", "repair")
+DP_MODES = ("off", "central", "local")
 
 
 _UNITS = {"d": "days", "h": "hours", "min": "minutes", "m": "minutes", "s": "seconds"}
@@ -76,6 +78,11 @@ class Settings:
     max_examples_per_node: int = 10_000_000
     max_weight_share: float = 0.5
     share_instance_metrics: bool = True
+    dp: str = "off"
+    dp_clip_norm: float = 1.0
+    dp_noise_multiplier: float = 1.0
+    dp_delta: float = 1e-5
+    dp_target_epsilon: float = 0.0
 
     def __post_init__(self) -> None:
         positive = (
@@ -135,18 +142,50 @@ class Settings:
             )
         if self.max_examples_per_node < 1:
             _bad("max_examples_per_node", self.max_examples_per_node, "an integer >= 1")
+        if self.dp not in DP_MODES:
+            _bad("dp", self.dp, f"one of {list(DP_MODES)}")
+        if not (self.dp_clip_norm > 0 and self.dp_noise_multiplier >= 0 and 0 < self.dp_delta < 1):
+            _bad(
+                "dp_clip_norm",
+                self.dp_clip_norm,
+                "dp-clip-norm > 0, dp-noise-multiplier >= 0, 0 < dp-delta < 1",
+            )
+        if self.dp_target_epsilon < 0:
+            _bad("dp_target_epsilon", self.dp_target_epsilon, "an epsilon >= 0 (0: no target)")
+        if self.dp == "central":
+            self._check_central_dp()
         try:
             self.defences()
         except ValueError as err:
             raise ConfigError(f"run-config: {err}") from None
 
+    def _check_central_dp(self) -> None:
+        """Central DP's sensitivity bound needs every share <= max-weight-share, on clipped updates.
+
+        Robust rules and the adaptive norm screen let one instance change whether (or how much)
+        another counts, which the Gaussian mechanism's sensitivity does not cover; with fewer
+        replies than 1 / max-weight-share the cap cannot hold.
+        """
+        if self.aggregation != "weighted-fedavg":
+            _bad("aggregation", self.aggregation, "'weighted-fedavg' with dp = 'central'")
+        needed = math.ceil(1 / self.max_weight_share - 1e-9)
+        if self.min_train_replies < needed:
+            _bad(
+                "min_train_replies",
+                self.min_train_replies,
+                f">= {needed} with dp = 'central', so no share exceeds max-weight-share "
+                f"{self.max_weight_share}",
+            )
+
     def defences(self) -> Defences:
         """The strategy's screening and aggregation settings."""
+        central = self.dp == "central"
         return Defences(
             aggregation=self.aggregation,
-            max_update_norm=self.max_update_norm,
+            # Central DP clips every update to the DP bound: the screen is then data-independent.
+            max_update_norm=self.dp_clip_norm if central else self.max_update_norm,
             max_update_norm_ratio=self.max_update_norm_ratio,
-            update_norm_policy=self.update_norm_policy,
+            update_norm_policy="clip" if central else self.update_norm_policy,
             max_examples_per_node=self.max_examples_per_node,
             max_weight_share=self.max_weight_share,
             min_train_replies=self.min_train_replies,

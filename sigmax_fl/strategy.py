@@ -41,10 +41,14 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
 
+from sigmax_fl.privacy import add_gaussian_noise, secure_rng
+
 # A child of Flower's logger, so these lines reach `flwr log` and the run's stream.
 log = logging.getLogger(f"flwr.{__name__}")
 
 WEIGHT_KEY = "num-examples"
+EPSILON_KEY = "dp-epsilon"
+"""Metric a ClientApp under local DP reports: its per-row epsilon so far (not averaged)."""
 META_KEY = "meta"
 """ConfigRecord a sigmax-fl ClientApp adds to each reply, holding its ``instance-id``."""
 
@@ -333,7 +337,8 @@ def weighted_metrics(screened: list[Screened]) -> dict[str, float]:
     An instance whose IC is undefined (NaN) is left out of that metric's mean only, instead of
     turning the round's figure into NaN.
     """
-    names = sorted({k for s in screened for k in s.metrics if k != WEIGHT_KEY})
+    skip = (WEIGHT_KEY, EPSILON_KEY)
+    names = sorted({k for s in screened for k in s.metrics if k not in skip})
     out: dict[str, float] = {}
     for name in names:
         pairs = [
@@ -369,6 +374,9 @@ class WeightedFedAvg(FedAvg):
         :class:`NotEnoughNodesError` (Flower's own sampling waits forever).
     seed : int, optional
         Seeds the node sampling; its state is part of the server's checkpoint.
+    noise_std : float
+        Central DP: std of the Gaussian noise added to the average of the (clipped) updates,
+        from :func:`sigmax_fl.privacy.central_noise_std`; 0 adds none.
     **kwargs
         Passed to :class:`flwr.serverapp.strategy.FedAvg` (fractions, minimum nodes).
     """
@@ -378,11 +386,15 @@ class WeightedFedAvg(FedAvg):
         defences: Defences | None = None,
         wait_for_nodes_timeout: float = 300.0,
         seed: int | None = None,
+        noise_std: float = 0.0,
         **kwargs: object,
     ) -> None:
         super().__init__(**kwargs)  # type: ignore[arg-type]
         self.defences = defences or Defences()
         self.rng = np.random.default_rng(seed)
+        self.noise_std = noise_std
+        # Central-DP noise must not be reproducible from the (public) run seed.
+        self._noise_rng = secure_rng()
         self.wait_for_nodes_timeout = wait_for_nodes_timeout
         self._sent: ArrayRecord | None = None
         self.last_train: list[Screened] = []
@@ -494,6 +506,8 @@ class WeightedFedAvg(FedAvg):
         ):
             s.weight = float(share)
         averaged = aggregate(accepted, reference, d)
+        if self.noise_std > 0:
+            averaged = add_gaussian_noise(averaged, self.noise_std, self._noise_rng)
         arrays = ArrayRecord(
             {
                 name: Array(averaged[name].astype(np.dtype(ref.dtype)))

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from sigmax_fl.deploy.flwr_cli import FlwrHome, start_superlink
+from sigmax_fl.deploy.processes import Supervisor
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data"
@@ -23,3 +27,19 @@ def _private_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     mp.setenv("SIGMAX_FL_CACHE_DIR", str(tmp_path_factory.mktemp("feature-cache")))
     yield
     mp.undo()
+
+
+@pytest.fixture(scope="module")
+def simulation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FlwrHome]:
+    """A simulation SuperLink (connection ``sim``) with a private FLWR_HOME and database.
+
+    Shared by the tests of one module; everything it started is stopped afterwards, and the
+    fixture fails if any of those processes is left.
+    """
+    root = tmp_path_factory.mktemp("simulation")
+    supervisor = Supervisor(root / "logs")
+    with supervisor, FlwrHome(root / "flwr-home") as home:
+        link = start_superlink(supervisor, home, root / "state.db", simulation=True)
+        home.add_connection("sim", link.address)
+        yield home
+    assert supervisor.remaining() == [], "processes left behind"

@@ -10,24 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from sigmax_fl.deploy.flwr_cli import FINISHED_OK, FlwrHome, start_superlink
-from sigmax_fl.deploy.processes import Supervisor
+from sigmax_fl.deploy.flwr_cli import FINISHED_OK, FlwrHome
 from sigmax_fl.model import TradingModel, build_model
 
 from .conftest import DEFAULT_INSTANCES, ROOT
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture()
-def simulation(tmp_path: Path):
-    """A simulation SuperLink with a private FLWR_HOME and database; all of it stopped after."""
-    supervisor = Supervisor(tmp_path / "logs")
-    with supervisor, FlwrHome(tmp_path / "flwr-home") as home:
-        link = start_superlink(supervisor, home, tmp_path / "state.db", simulation=True)
-        home.add_connection("sim", link.address)
-        yield home
-    assert supervisor.remaining() == [], "processes left behind"
 
 
 def test_three_instances_two_rounds(simulation: FlwrHome, tmp_path: Path) -> None:
