@@ -1,7 +1,7 @@
 """How close the synthetic venues come to the bundled real series, and their planted signal.
 
 Run ``python -m sigmax_fl.data.calibration``; the tables it prints are the ones quoted in
-docs/data.md (about 5 s). Both sides go through the same code: bars from
+README (Data, "Synthetic venues") (about 5 s). Both sides go through the same code: bars from
 :func:`sigmax_fl.data.load_ohlcv`, statistics from :func:`return_stats`.
 """
 
