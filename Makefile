@@ -27,6 +27,9 @@ test: $(STAMP)
 	$(PY) -m ruff check sigmax_fl tests
 	$(PY) -m pytest -q
 
+compare: $(STAMP)
+	$(PY) -m sigmax_fl.cli compare --out outputs/compare
+
 lint: $(STAMP)
 	$(PY) -m ruff check sigmax_fl tests
 	$(PY) -m ruff format --check sigmax_fl tests

@@ -1,0 +1,163 @@
+"""The ``sigmax-fl`` command: one function per subcommand, registered with :func:`command`.
+
+Adding a subcommand (doctor, deploy, attacks, ...) is one self-contained block: a function
+that declares its arguments and a function that runs it, tied together by the decorator. Heavy
+imports (torch, Flower) happen inside the run function, so ``sigmax-fl --help`` and light
+subcommands start fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Command:
+    """A subcommand: its one-line help, its arguments, and what it does (returns exit code)."""
+
+    help: str
+    arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+COMMANDS: dict[str, Command] = {}
+
+
+def command(
+    name: str, help: str, arguments: Callable[[argparse.ArgumentParser], None]
+) -> Callable[[Callable[[argparse.Namespace], int]], Callable[[argparse.Namespace], int]]:
+    """Register the decorated function as subcommand ``name``."""
+
+    def register(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+        if name in COMMANDS:
+            raise ValueError(f"subcommand '{name}' is already registered")
+        COMMANDS[name] = Command(help, arguments, run)
+        return run
+
+    return register
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not a comma-separated list of numbers: {text!r}"
+        ) from None
+
+
+# -- compare ----------------------------------------------------------------------------------
+
+
+def _compare_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--use-case", default="multi-market", help="what to compare (default: multi-market)"
+    )
+    parser.add_argument(
+        "--data-sources",
+        help="comma-separated bundled names, paths or id=path (default: the run config's)",
+    )
+    parser.add_argument("--data-dir", default="", help="where bundled names and paths live")
+    parser.add_argument("--rounds", type=int, help="rounds R (default: num-server-rounds)")
+    parser.add_argument("--local-epochs", type=int, help="epochs per round (default: run config)")
+    parser.add_argument(
+        "--learning-rates",
+        type=_floats,
+        help="candidates, chosen on validation (default: the run config's learning-rate)",
+    )
+    parser.add_argument("--seeds", type=int, default=5, help="repetitions (default 5)")
+    parser.add_argument(
+        "--cost-bps", type=float, default=10.0, help="cost per unit of position change"
+    )
+    parser.add_argument("--horizon", type=int, help="bars ahead the target looks (default 1)")
+    parser.add_argument("--bootstrap", type=int, default=1000, help="resamples per interval")
+    parser.add_argument("--workers", type=int, help="processes (default: one per core)")
+    parser.add_argument("--out", help="output folder (default: outputs/compare-<use case>-<time>)")
+
+
+@command("compare", "federated vs local-only vs pooled models, with baselines", _compare_arguments)
+def _compare(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from sigmax_fl.compare import compare
+    from sigmax_fl.settings import Settings
+
+    settings = Settings()
+    changes = {"data_dir": args.data_dir}
+    if args.horizon is not None:
+        changes["horizon"] = args.horizon
+    started = time.monotonic()
+    result = compare(
+        args.data_sources,
+        args.rounds,
+        args.out,
+        args.seeds,
+        use_case=args.use_case,
+        local_epochs=args.local_epochs,
+        learning_rates=args.learning_rates,
+        cost_bps=args.cost_bps,
+        n_boot=args.bootstrap,
+        workers=args.workers,
+        settings=replace(settings, **changes),
+    )
+    print(f"compare: {time.monotonic() - started:.0f}s; tables in {result['out_dir']}/compare.md")
+    return 0
+
+
+# -- report -----------------------------------------------------------------------------------
+
+
+def _report_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", help="a run folder, e.g. outputs/run-20250101-120000-1")
+
+
+@command("report", "plots and report.md from a run folder", _report_arguments)
+def _report(args: argparse.Namespace) -> int:
+    from sigmax_fl.report import report
+
+    print(f"report: {report(args.run_dir)}")
+    return 0
+
+
+# -- entry point ------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser with one sub-parser per registered command."""
+    parser = argparse.ArgumentParser(
+        prog="sigmax-fl", description="SIGMAX federated learning tools"
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, cmd in COMMANDS.items():
+        cmd.arguments(sub.add_parser(name, help=cmd.help, description=cmd.help))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console script ``sigmax-fl``: user errors print one line and exit 2, not a traceback."""
+    args = build_parser().parse_args(argv)
+    # Our own loggers only: Flower's (and the app's "flwr.*" children) already print through
+    # Flower's handler, and a root handler would print each of their lines twice.
+    ours = logging.getLogger("sigmax_fl")
+    if not ours.handlers:  # main() may run more than once in a process (tests)
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        ours.addHandler(handler)
+    ours.setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    try:
+        return COMMANDS[args.command].run(args)
+    except (ValueError, FileNotFoundError) as err:
+        if args.verbose:
+            raise
+        print(f"sigmax-fl {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
