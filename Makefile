@@ -24,15 +24,18 @@ run: $(STAMP)
 	$(PY) -m sigmax_fl.simulate $(ARGS)
 
 test: $(STAMP)
-	$(PY) -m ruff check sigmax_fl tests
+	$(PY) -m ruff check sigmax_fl tests bench
 	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) -m bench.run
 
 compare: $(STAMP)
 	$(PY) -m sigmax_fl.cli compare --out outputs/compare
 
 lint: $(STAMP)
-	$(PY) -m ruff check sigmax_fl tests
-	$(PY) -m ruff format --check sigmax_fl tests
+	$(PY) -m ruff check sigmax_fl tests bench
+	$(PY) -m ruff format --check sigmax_fl tests bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""`make bench`: measurements of sigmax-fl on this machine (see bench/run.py)."""

@@ -1,0 +1,1 @@
+"""Stock Flower FedAvg app with the sigmax-fl model: the bench's baseline."""
