@@ -226,8 +226,9 @@ def update_norm(arrays: dict[str, np.ndarray], reference: dict[str, np.ndarray])
     """||w_k - w_global||_2 over all arrays, in float64."""
     total = 0.0
     for name, ref in reference.items():
-        delta = arrays[name].astype(np.float64) - ref
-        total += float(np.dot(delta.ravel(), delta.ravel()))
+        delta = (arrays[name].astype(np.float64) - ref).ravel()
+        # einsum, not np.dot: this machine's BLAS dot was ~100x slower on 1M-element vectors.
+        total += float(np.einsum("i,i->", delta, delta))
     return float(np.sqrt(total))
 
 
@@ -285,10 +286,12 @@ def aggregate(
         out = {}
         for name, ref in reference.items():
             acc = np.zeros(ref.shape, dtype=np.float64)
+            term = np.empty(ref.shape, dtype=np.float64)  # reused: no allocation per reply
             for s in accepted:
                 # np.float64, not a Python float: float32 * float stays float32 (NEP 50).
                 coef = np.float64(s.weight * s.clip)
-                acc += coef * s.arrays[name]
+                np.multiply(s.arrays[name], coef, out=term)
+                acc += term
                 if s.clip < 1:
                     acc += (s.weight - coef) * ref
             out[name] = acc
