@@ -23,6 +23,10 @@ setup: $(STAMP)
 run: $(STAMP)
 	$(PY) -m sigmax_fl.simulate $(ARGS)
 
+# The real deployment on loopback: TLS, authenticated SuperNodes, one per bundled instance.
+deploy-local: $(STAMP)
+	$(PY) -m sigmax_fl.deploy.local $(ARGS)
+
 test: $(STAMP)
 	$(PY) -m ruff check sigmax_fl tests bench
 	$(PY) -m pytest -q

@@ -6,7 +6,7 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = ["TradingModel", "__version__"]
+__all__ = ["FederatedConfig", "TradingModel", "__version__", "create_fl_manager"]
 
 
 def __getattr__(name: str) -> Any:
@@ -15,4 +15,8 @@ def __getattr__(name: str) -> Any:
         from sigmax_fl.model import TradingModel
 
         return TradingModel
+    if name in ("FederatedConfig", "create_fl_manager"):
+        from sigmax_fl import manager
+
+        return getattr(manager, name)
     raise AttributeError(f"module 'sigmax_fl' has no attribute {name!r}")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sigmax_fl.data import DataSource, load_ohlcv, source_digest
+from sigmax_fl.data import DataError, DataSource, load_ohlcv, source_digest
 from sigmax_fl.data.formats import split_asset
 from sigmax_fl.features import FEATURE_VERSION, Calendar, Scaler, make_features
 
@@ -111,6 +111,34 @@ def build(source: DataSource, recipe: Recipe) -> InstanceData:
     return InstanceData(source.instance_id, arrays, report)
 
 
+ARRAYS_SUFFIX = ".npz"
+"""A ``data-path`` with this ending holds ready arrays, not bars: see :func:`load_arrays`."""
+
+
+def load_arrays(source: DataSource) -> InstanceData:
+    """An instance's already-featurised arrays: ``X_train, y_train, X_val, y_val``.
+
+    The Python API (:mod:`sigmax_fl.manager`) writes them from an instance's own data
+    loaders, whose features, splits and scaling its own code chose; so none of that is
+    redone here, and nothing is cached (the file already is the arrays).
+    """
+    with np.load(source.path) as stored:
+        arrays = {name: stored[name] for name in stored.files}
+    needed = [f"{a}_{split}" for split in ("train", "val") for a in ("X", "y")]
+    missing = [name for name in needed if name not in arrays]
+    if missing:
+        raise DataError(source.path, f"missing arrays {missing}", field="data-path")
+    for split in ("train", "val"):
+        if len(arrays[f"X_{split}"]) != len(arrays[f"y_{split}"]):
+            raise DataError(source.path, f"X_{split} and y_{split} differ in rows")
+    report = {
+        "instance_id": source.instance_id,
+        "source": source.path,
+        "rows": {split: len(arrays[f"y_{split}"]) for split in ("train", "val")},
+    }
+    return InstanceData(source.instance_id, arrays, report)
+
+
 def default_cache_dir() -> Path:
     """``$SIGMAX_FL_CACHE_DIR``, else the user's cache: the instance's own disk."""
     if env := os.environ.get(CACHE_DIR_ENV):
@@ -122,6 +150,8 @@ def load_instance(
     source: DataSource, recipe: Recipe, cache_dir: Path | None = None
 ) -> InstanceData:
     """The instance's arrays from memory, else from its disk cache, else built and cached."""
+    if source.path.endswith(ARRAYS_SUFFIX):
+        return load_arrays(source)
     key = f"{source.instance_id}-{recipe.key(source)}"
     if key in _MEMORY:
         return _MEMORY[key]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -262,6 +263,14 @@ def _start(settings: Settings, context: Context) -> tuple[Path, ServerState]:
         return run_dir, state
     run_dir = runs.create_run_dir(settings.outputs_dir, settings.run_name, context.run_id)
     model = build_model(settings.model, seed=settings.seed)
+    if settings.initial_model:
+        try:
+            model.load_state_dict(torch.load(settings.initial_model, weights_only=True))
+        except (OSError, RuntimeError, pickle.UnpicklingError) as err:
+            raise ValueError(
+                f"run-config 'initial-model' = {settings.initial_model!r}: not a state dict "
+                f"of model '{settings.model}': {err}"
+            ) from None
     arrays = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
     return run_dir, ServerState(round=0, arrays=arrays)
 

@@ -54,6 +54,11 @@ class Settings:
     optimizer: str = "adam"
     seed: int = 42
     model: str = "trading-mlp"
+    initial_model: str = ""
+    """A ``torch.save``-d state dict of ``model`` to start from (the Python API's
+    ``start_server(initial_model=...)``); empty: initial weights from ``seed``. Read by the
+    ServerApp only, so it is not checked here, where a ClientApp on another machine reads
+    the same run config."""
     data_sources: str = (
         "coinbase-btc-usd-1d,bitstamp-btc-usd-1d,bitstamp-eth-usd-1d,bitstamp-ltc-usd-1d"
     )

@@ -17,14 +17,20 @@ fixed format:
 
 The files are regenerated only when missing or invalid, so repeated deployments
 reuse the registered node keys stored in the SuperLink's database.
+
+``python -m sigmax_fl.deploy.credentials FOLDER --host NAME --node NAME`` writes the
+same files for containers and clusters, where the SuperLink is reached by a service
+name (``fl-server``) that the certificate must name too.
 """
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import ipaddress
 import os
 import re
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +68,25 @@ class NodeKey:
 
     private_key: Path
     public_key: Path
+
+
+@dataclass(frozen=True)
+class ServerCertificates:
+    """The three PEM files a TLS SuperLink needs, from any PKI (no CA key required).
+
+    Attributes
+    ----------
+    ca_cert : Path
+        CA certificate (``--ssl-ca-certfile``; clients verify the SuperLink with it).
+    server_cert : Path
+        SuperLink certificate (``--ssl-certfile``).
+    server_key : Path
+        SuperLink private key (``--ssl-keyfile``).
+    """
+
+    ca_cert: Path
+    server_cert: Path
+    server_key: Path
 
 
 @dataclass(frozen=True)
@@ -360,3 +385,42 @@ def _node_key_is_valid(key: NodeKey) -> bool:
         and isinstance(private.curve, ec.SECP384R1)
         and private.public_key() == public
     )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Write a CA, a SuperLink certificate and SuperNode keys for a deployment.
+
+    Loopback names are always included in the certificate: the SuperLink's own
+    SuperExec and the ``flwr`` CLI beside it connect over loopback even when the
+    SuperLink listens on ``0.0.0.0``.
+    """
+    parser = argparse.ArgumentParser(
+        prog="python -m sigmax_fl.deploy.credentials",
+        description="Create (or reuse while valid) TLS and SuperNode-authentication files.",
+    )
+    parser.add_argument("folder", type=Path, help="where the files go (keep it out of git)")
+    parser.add_argument(
+        "--host",
+        action="append",
+        default=[],
+        help="a DNS name or IP clients use to reach the SuperLink (repeatable)",
+    )
+    parser.add_argument(
+        "--node", action="append", default=[], help="a SuperNode name; one key pair each"
+    )
+    args = parser.parse_args(argv)
+    hosts = list(dict.fromkeys([*args.host, *DEFAULT_HOSTS]))
+    try:
+        creds = ensure_credentials(args.folder, args.node, hosts)
+    except ValueError as err:
+        parser.error(str(err))
+    print(f"FL_CA_CERT={creds.ca_cert}")
+    print(f"FL_SERVER_CERT={creds.server_cert}  (valid for {', '.join(hosts)})")
+    print(f"FL_SERVER_KEY={creds.server_key}")
+    for name, key in creds.nodes.items():
+        print(f"SuperNode {name}: FL_NODE_KEY={key.private_key}, public key {key.public_key}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -36,12 +36,13 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from sigmax_fl.deploy.credentials import Credentials
+from sigmax_fl.deploy.credentials import Credentials, ServerCertificates
 from sigmax_fl.deploy.processes import ManagedProcess, ProcessError, Supervisor, free_port
 
 ConfigValue = bool | int | float | str
@@ -475,6 +476,22 @@ class FlwrHome:
             raise FlwrError(f"run {run_id} ended {status!r}: {details}")
         return run_id
 
+    def register_supernodes(self, public_keys: Sequence[Path], connection: str) -> list[int | None]:
+        """Register several keys at once, like :meth:`register_supernode` each.
+
+        Each ``flwr`` call is a Python start-up of about two seconds; run side by side
+        they cost one.
+
+        Returns
+        -------
+        list[int | None]
+            Per key, in order: the new node id, or None if it was registered before.
+        """
+        if not public_keys:
+            return []
+        with ThreadPoolExecutor(max_workers=min(len(public_keys), 8)) as pool:
+            return list(pool.map(lambda key: self.register_supernode(key, connection), public_keys))
+
     def register_supernode(self, public_key: Path, connection: str) -> int | None:
         """Register a SuperNode's public key with ``flwr supernode register``.
 
@@ -507,7 +524,7 @@ def start_superlink(
     home: FlwrHome,
     database: Path,
     simulation: bool = False,
-    tls: Credentials | None = None,
+    tls: Credentials | ServerCertificates | None = None,
     enable_supernode_auth: bool = False,
     host: str = "127.0.0.1",
     port: int | None = None,
@@ -527,7 +544,7 @@ def start_superlink(
     simulation : bool
         Run ClientApps in Flower's simulation engine instead of waiting for
         SuperNodes.
-    tls : Credentials | None
+    tls : Credentials | ServerCertificates | None
         CA, certificate and key for TLS; ``--insecure`` if None.
     enable_supernode_auth : bool
         Accept only SuperNodes whose public key was registered (needs TLS).

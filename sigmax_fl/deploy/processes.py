@@ -122,6 +122,17 @@ def _tags_of(pid: int) -> list[str]:
     return []
 
 
+def tagged_processes(tag: str) -> list[int]:
+    """Return the live pids whose environment carries ``tag`` in ``SIGMAX_FL_TAGS``.
+
+    Set ``SIGMAX_FL_TAGS=TAG`` in a process's own environment and every child started
+    through a :class:`Supervisor`, with all its descendants, inherits the tag: a test can
+    then prove that nothing started by code it does not see (a runner's own supervisor)
+    survived.
+    """
+    return sorted(pid for pid, _ in _live_processes() if tag in _tags_of(pid))
+
+
 class ManagedProcess:
     """A child process in its own process group, with its output in a log file.
 
@@ -167,6 +178,9 @@ class ManagedProcess:
             )
         self.pid = self.popen.pid
         self._groups = {self.pid}
+        # stop() may be called from a second thread (e.g. a cancelled coroutine stopping a
+        # SuperLink another thread streams from): one stop at a time, the second a no-op.
+        self._stop_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"<ManagedProcess {self.name} pid={self.pid} rc={self.returncode}>"
@@ -304,6 +318,10 @@ class ManagedProcess:
         ProcessError
             If some descendant survives SIGKILL (e.g. stuck in the kernel).
         """
+        with self._stop_lock:
+            self._stop(grace)
+
+    def _stop(self, grace: float) -> None:
         if self.popen.poll() is None:
             # Unreaped, so the pid (and the group id) cannot have been reused.
             os.killpg(self.pid, signal.SIGTERM)
