@@ -18,7 +18,7 @@ ClientApp process per run or message. The manager therefore starts those process
 keys and timeouts from the ``FL_*`` variables of :mod:`sigmax_fl.deploy.env`, read when the
 manager is created) and hands the instance's data to its SuperNode as a file on the
 instance's own disk. The few behaviours that cannot map one to one are listed in
-docs/deployment.md, "Python API".
+README.md, "Deployment", "Python API".
 """
 
 from __future__ import annotations
