@@ -346,7 +346,7 @@ def test_k8s_environments_pass_the_entry_points_own_checks(k8s, tmp_path: Path) 
 
 
 def test_docs_list_every_variable_and_say_the_containers_were_not_run() -> None:
-    text = (ROOT / "docs" / "deployment.md").read_text()
+    text = (ROOT / "README.md").read_text()
     for name in {*SERVER_VARIABLES, *CLIENT_VARIABLES}:
         assert f"`{name}`" in text, name
     assert "not run against a live" in text
