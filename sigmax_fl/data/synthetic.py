@@ -131,7 +131,11 @@ class SyntheticSpec:
         """Bar open times from ``start`` to the end of day ``end``, in UTC."""
         last = pd.Timestamp(self.end, tz="UTC") + pd.Timedelta(days=1)
         return pd.date_range(
-            pd.Timestamp(self.start, tz="UTC"), last, freq=self.bar, inclusive="left", unit="ns"
+            pd.Timestamp(self.start, tz="UTC"),
+            last,
+            freq=_bar_step(self.bar),
+            inclusive="left",
+            unit="ns",
         )
 
 
@@ -333,12 +337,18 @@ class VenueParams:
     """Mean number of outages (missing bars) per year."""
 
 
+def _bar_step(bar: str) -> pd.Timedelta:
+    """``"1d"`` / ``"1h"`` as a Timedelta, without pandas' deprecated lower-case day alias."""
+    unit = {"d": "days", "h": "hours"}[bar[-1]]
+    return pd.Timedelta(**{unit: int(bar[:-1])})
+
+
 _FEE_TIERS_BPS = (10.0, 15.0, 20.0, 25.0, 40.0, 50.0, 60.0)
 
 
 def _venue_params(rng: np.random.Generator, bar: str) -> VenueParams:
     fee = float(rng.choice(_FEE_TIERS_BPS))
-    bars_per_day = pd.Timedelta(days=1) / pd.Timedelta(bar)
+    bars_per_day = pd.Timedelta(days=1) / _bar_step(bar)
     return VenueParams(
         fee_bps=fee,
         noise=fee / 2000 * float(rng.uniform(0.5, 1.0)),
