@@ -14,7 +14,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from sigmax_fl import task
+from sigmax_fl import secagg, task
 from sigmax_fl.data import source_for_node
 from sigmax_fl.dataset import InstanceData, Recipe, default_cache_dir, load_instance
 from sigmax_fl.model import build_model
@@ -64,7 +64,7 @@ def _reply(
     return Message(content=content, reply_to=message)
 
 
-@app.train()
+@app.train(mods=[secagg.secagg_mod])
 def train(message: Message, context: Context) -> Message:
     """Train the received global model for ``local-epochs`` on this instance's training rows."""
     # Load this instance's data (cached) and the global model

@@ -20,7 +20,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
-from sigmax_fl import runs
+from sigmax_fl import runs, secagg
 from sigmax_fl.model import build_model
 from sigmax_fl.privacy import CentralAccountant, central_noise_std
 from sigmax_fl.settings import STOPPING_METRICS, Settings
@@ -247,9 +247,10 @@ def _start(settings: Settings, context: Context) -> tuple[Path, ServerState]:
             settings.resume_from, settings.outputs_dir, settings.run_name
         )
         payload = runs.read_checkpoint(checkpoint)
-        before = json.loads(payload["run_config"])
+        # A key the checkpoint predates ran with that key's default.
+        before = {**Settings().to_run_config(), **json.loads(payload["run_config"])}
         now = settings.to_run_config()
-        changed = sorted(k for k in now if k not in RESUME_MAY_CHANGE and before.get(k) != now[k])
+        changed = sorted(k for k in now if k not in RESUME_MAY_CHANGE and before[k] != now[k])
         if changed:
             raise ValueError(
                 f"resume-from {checkpoint}: run-config keys {changed} differ from the run "
@@ -282,6 +283,9 @@ def main(grid: Grid, context: Context) -> None:
     run_dir, state = _start(settings, context)
     runs.write_json(run_dir / "run_config.json", settings.to_run_config())
     log.info("sigmax-fl: outputs of this run go to %s", run_dir)
+    if settings.secure_aggregation:
+        secagg.main(grid, context, settings, run_dir, state.arrays)
+        return
 
     strategy = WeightedFedAvg(
         defences=settings.defences(),

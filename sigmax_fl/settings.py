@@ -88,6 +88,10 @@ class Settings:
     dp_noise_multiplier: float = 1.0
     dp_delta: float = 1e-5
     dp_target_epsilon: float = 0.0
+    secure_aggregation: bool = False
+    secagg_num_shares: float = 1.0
+    secagg_reconstruction_threshold: float = 0.67
+    secagg_clip_norm: float = 2.0
 
     def __post_init__(self) -> None:
         positive = (
@@ -157,6 +161,11 @@ class Settings:
             )
         if self.dp_target_epsilon < 0:
             _bad("dp_target_epsilon", self.dp_target_epsilon, "an epsilon >= 0 (0: no target)")
+        # Imported here: secagg imports the model, whose features module imports this one.
+        from sigmax_fl.secagg import settings_problems
+
+        if problems := settings_problems(self):
+            raise ConfigError("run-config: " + "; ".join(problems))
         if self.dp == "central":
             self._check_central_dp()
         try:
