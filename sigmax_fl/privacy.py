@@ -68,6 +68,8 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
+from sigmax_fl.task import make_optimizer
+
 Relation = Literal["add-or-remove-one", "replace-one"]
 RELATIONS: tuple[str, ...] = ("add-or-remove-one", "replace-one")
 
@@ -764,15 +766,6 @@ def dp_sgd_schedule(rows: int, batch_size: int, epochs: int) -> tuple[float, int
     return q, epochs * math.ceil(rows / batch_size)
 
 
-def _optimizer(name: str, params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
-    # Same choices as sigmax_fl.task (not imported: this module stays free of the app's graph).
-    if name == "adam":
-        return torch.optim.Adam(params, lr=lr)
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=0.9)
-    raise ValueError(f"unknown optimizer '{name}', expected 'adam' or 'sgd'")
-
-
 def train_dp_sgd(
     model: nn.Module,
     X: np.ndarray,
@@ -846,7 +839,7 @@ def train_dp_sgd(
     batches = poisson_batches(rows, q, steps, sample_gen)
     params = [p for p in model.parameters() if p.requires_grad]
     named = dict(model.named_parameters())
-    opt = _optimizer(optimizer, params, learning_rate)
+    opt = make_optimizer(optimizer, params, learning_rate)
     model.train()
     per_epoch = steps // epochs
     loss_sum, loss_rows = 0.0, 0

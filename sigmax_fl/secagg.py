@@ -733,15 +733,7 @@ def run_secagg(
         min_fit_clients=max(settings.min_train_nodes, 2),
         min_available_clients=max(settings.min_available_nodes, 2),
     )
-    evaluator = WeightedFedAvg(
-        wait_for_nodes_timeout=settings.wait_for_nodes_timeout,
-        fraction_train=settings.fraction_train,
-        fraction_evaluate=settings.fraction_evaluate,
-        min_train_nodes=settings.min_train_nodes,
-        min_evaluate_nodes=settings.min_train_nodes,
-        min_available_nodes=settings.min_available_nodes,
-        seed=settings.seed,
-    )
+    evaluator = settings.strategy()
     rounds = _Rounds(settings, names, strategy, evaluator, on_round)
     legacy = LegacyContext(
         context=context,

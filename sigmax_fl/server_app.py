@@ -287,17 +287,7 @@ def main(grid: Grid, context: Context) -> None:
         secagg.main(grid, context, settings, run_dir, state.arrays)
         return
 
-    strategy = WeightedFedAvg(
-        defences=settings.defences(),
-        wait_for_nodes_timeout=settings.wait_for_nodes_timeout,
-        fraction_train=settings.fraction_train,
-        fraction_evaluate=settings.fraction_evaluate,
-        min_train_nodes=settings.min_train_nodes,
-        min_evaluate_nodes=settings.min_train_nodes,
-        min_available_nodes=settings.min_available_nodes,
-        seed=settings.seed,
-        noise_std=_central_noise_std(settings),
-    )
+    strategy = settings.strategy(noise_std=_central_noise_std(settings))
     if state.rng:
         strategy.rng.bit_generator.state = state.rng
     accountant = CentralAccountant() if settings.dp == "central" else None

@@ -14,7 +14,7 @@ from typing import Any
 
 import pandas as pd
 
-from sigmax_fl.strategy import Defences
+from sigmax_fl.strategy import Defences, WeightedFedAvg
 
 OPTIMIZERS = ("adam", "sgd")
 STOPPING_METRICS = {"val_loss": "min", "ic": "max", "rank_ic": "max", "hit_rate": "max"}
@@ -190,6 +190,20 @@ class Settings:
                 f">= {needed} with dp = 'central', so no share exceeds max-weight-share "
                 f"{self.max_weight_share}",
             )
+
+    def strategy(self, noise_std: float = 0.0) -> WeightedFedAvg:
+        """The round's sampling, screening and averaging, as this run config says."""
+        return WeightedFedAvg(
+            defences=self.defences(),
+            wait_for_nodes_timeout=self.wait_for_nodes_timeout,
+            fraction_train=self.fraction_train,
+            fraction_evaluate=self.fraction_evaluate,
+            min_train_nodes=self.min_train_nodes,
+            min_evaluate_nodes=self.min_train_nodes,
+            min_available_nodes=self.min_available_nodes,
+            seed=self.seed,
+            noise_std=noise_std,
+        )
 
     def defences(self) -> Defences:
         """The strategy's screening and aggregation settings."""

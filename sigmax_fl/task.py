@@ -13,7 +13,8 @@ from torch import nn
 from sigmax_fl import metrics
 
 
-def _optimizer(name: str, params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
+def make_optimizer(name: str, params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
+    """A fresh optimiser by run-config name; every training loop builds it here."""
     if name == "adam":
         return torch.optim.Adam(params, lr=lr)
     if name == "sgd":
@@ -43,7 +44,7 @@ def train(
     features = torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32))
     targets = torch.from_numpy(np.ascontiguousarray(y, dtype=np.float32))
     generator = torch.Generator().manual_seed(seed)
-    opt = _optimizer(optimizer, list(model.parameters()), learning_rate)
+    opt = make_optimizer(optimizer, list(model.parameters()), learning_rate)
     loss_fn = nn.MSELoss()
     model.train()
     epoch_loss = float("nan")
