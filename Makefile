@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 # Simulated instances for `make run`: one per entry of data-sources.
 ARGS ?=
 
-.PHONY: setup run test lint bench compare deploy-local attacks clean
+.PHONY: setup run test lint bench compare dp-utility doctor deploy-local attacks clean
 
 # torch is installed first and pinned: 2.13.0 is the CPU wheel this machine carries;
 # a looser requirement lets pip pull a CUDA build of several GB.
@@ -36,6 +36,12 @@ bench: $(STAMP)
 
 compare: $(STAMP)
 	$(PY) -m sigmax_fl.cli compare --out outputs/compare
+
+dp-utility: $(STAMP)
+	$(PY) -m sigmax_fl.cli dp-utility --out outputs/dp-utility
+
+doctor: $(STAMP)
+	$(PY) -m sigmax_fl.cli doctor
 
 lint: $(STAMP)
 	$(PY) -m ruff check sigmax_fl tests bench

@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -122,6 +123,137 @@ def _report(args: argparse.Namespace) -> int:
 
     print(f"report: {report(args.run_dir)}")
     return 0
+
+
+# -- dp-utility -------------------------------------------------------------------------------
+
+
+def _dp_utility_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--data-sources", help="the real federation (default: the run config's, i.e. bundled)"
+    )
+    parser.add_argument(
+        "--synthetic",
+        help="the large synthetic federation (default: 100 venues, signal 0.1, daily bars "
+        "2012-2021; '' skips)",
+    )
+    parser.add_argument("--data-dir", default="", help="where bundled names and paths live")
+    parser.add_argument(
+        "--noise-multipliers",
+        type=_floats,
+        help="central-DP z values (default 0,0.3,1,3; 0 clips only)",
+    )
+    parser.add_argument("--rounds", type=int, help="real federation (default num-server-rounds)")
+    parser.add_argument("--local-epochs", type=int, help="real federation (default run config)")
+    parser.add_argument("--clip-norm", type=float, help="central C, real federation")
+    parser.add_argument("--synthetic-rounds", type=int, help="default 6")
+    parser.add_argument("--synthetic-local-epochs", type=int, help="default 1")
+    parser.add_argument("--synthetic-learning-rate", type=float, help="default 0.002")
+    parser.add_argument("--synthetic-clip-norm", type=float, help="central C, synthetic")
+    parser.add_argument(
+        "--local-dp",
+        type=_floats,
+        help="local-DP (DP-SGD) z values, real federation only (default 1; '' for none)",
+    )
+    parser.add_argument("--local-clip-norm", type=float, help="per-row bound of local DP")
+    parser.add_argument("--seeds", type=int, default=2, help="repetitions (default 2)")
+    parser.add_argument("--bootstrap", type=int, default=1000, help="resamples per interval")
+    parser.add_argument("--workers", type=int, help="processes (default: one per core)")
+    parser.add_argument("--out", help="output folder (default: outputs/dp-utility-<time>)")
+
+
+@command(
+    "dp-utility",
+    "epsilon against test R^2 and IC at several DP noise levels",
+    _dp_utility_arguments,
+)
+def _dp_utility(args: argparse.Namespace) -> int:
+    import os
+
+    # One BLAS thread per process, set before numpy loads and inherited by the workers: the
+    # bootstrap's many small dot products ran ~25x slower with OpenBLAS threads on a busy box.
+    unset = [k for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS") if k not in os.environ]
+    os.environ.update(dict.fromkeys(unset, "1"))
+    try:
+        from sigmax_fl.dp_utility import dp_utility, render_markdown
+        from sigmax_fl.settings import Settings
+
+        given = {
+            "synthetic_sources": args.synthetic,
+            "noise_multipliers": args.noise_multipliers,
+            "synthetic_rounds": args.synthetic_rounds,
+            "synthetic_local_epochs": args.synthetic_local_epochs,
+            "synthetic_learning_rate": args.synthetic_learning_rate,
+            "local_noise": args.local_dp,
+        }
+        result = dp_utility(
+            args.data_sources,
+            out_dir=args.out,
+            rounds=args.rounds,
+            local_epochs=args.local_epochs,
+            clip_norm=args.clip_norm,
+            synthetic_clip_norm=args.synthetic_clip_norm,
+            local_clip_norm=args.local_clip_norm,
+            seeds=args.seeds,
+            n_boot=args.bootstrap,
+            workers=args.workers,
+            settings=Settings(data_dir=args.data_dir),
+            **{k: v for k, v in given.items() if v is not None},
+        )
+    finally:
+        for key in unset:
+            os.environ.pop(key, None)
+    print(render_markdown(result))
+    print(f"dp-utility: {result['seconds']['total']:.0f}s; tables in {result['out_dir']}")
+    return 0
+
+
+# -- doctor -----------------------------------------------------------------------------------
+
+
+def _doctor_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--superlink", help="HOST:PORT the SuperNode dials (default $FL_SERVER)")
+    parser.add_argument("--ca-cert", type=Path, help="CA certificate (default $FL_CA_CERT)")
+    parser.add_argument(
+        "--server-cert", type=Path, help="SuperLink certificate (default $FL_SERVER_CERT)"
+    )
+    parser.add_argument("--server-key", type=Path, help="SuperLink key (default $FL_SERVER_KEY)")
+    parser.add_argument("--node-key", type=Path, help="SuperNode key (default $FL_NODE_KEY)")
+    parser.add_argument("--data-source", help="the instance's data (default $DATA_SOURCE)")
+    parser.add_argument("--data-dir", default="", help="where bundled names and paths live")
+    parser.add_argument(
+        "--run-config", default="", help="run-config overrides, e.g. \"train-end='2019-01-01'\""
+    )
+    parser.add_argument("--timeout", type=float, default=3.0, help="seconds per network check")
+    parser.add_argument(
+        "--no-registration",
+        action="store_true",
+        help="skip asking the SuperLink whether the node key is registered",
+    )
+
+
+@command("doctor", "check address, TLS files, node key, data and memory", _doctor_arguments)
+def _doctor(args: argparse.Namespace) -> int:
+    import os
+    import tomllib
+
+    from sigmax_fl.doctor import FAIL, DoctorOptions, run
+
+    options = DoctorOptions.from_env(
+        os.environ,
+        superlink=args.superlink,
+        ca_cert=args.ca_cert,
+        server_cert=args.server_cert,
+        server_key=args.server_key,
+        node_key=args.node_key,
+        data_source=args.data_source,
+        data_dir=args.data_dir,
+        run_config=tomllib.loads("\n".join(args.run_config.split())),
+        timeout=args.timeout,
+        check_registration=not args.no_registration,
+    )
+    checks = run(options, emit=print)
+    return 1 if any(c.status == FAIL for c in checks) else 0
 
 
 # -- entry point ------------------------------------------------------------------------------
