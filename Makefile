@@ -37,6 +37,9 @@ bench: $(STAMP)
 compare: $(STAMP)
 	$(PY) -m sigmax_fl.cli compare --out outputs/compare
 
+attacks: $(STAMP)
+	$(PY) -m sigmax_fl.attacks $(ARGS)
+
 dp-utility: $(STAMP)
 	$(PY) -m sigmax_fl.cli dp-utility --out outputs/dp-utility
 

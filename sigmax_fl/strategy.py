@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -132,6 +133,8 @@ class Screened:
     """Factor the update (w_k - w_global) was scaled by; 1 when not clipped."""
     weight: float = 0.0
     payload_bytes: int = 0
+    missing: bool = False
+    """Sent a train message but no reply arrived within ``round-timeout``."""
 
     @property
     def ok(self) -> bool:
@@ -144,7 +147,12 @@ class Screened:
 
     def audit(self, server_round: int) -> dict[str, object]:
         """One line of the audit log."""
-        decision = "rejected" if self.reason else "clipped" if self.clip < 1 else "accepted"
+        if self.missing:
+            decision = "missing"
+        elif self.reason:
+            decision = "rejected"
+        else:
+            decision = "clipped" if self.clip < 1 else "accepted"
         return {
             "round": server_round,
             "instance_id": self.instance_id,
@@ -304,6 +312,15 @@ def aggregate(
     if method == "median":
         return {name: np.median(models(name), axis=0) for name in reference}
     if method == "trimmed-mean":
+        if int(defences.trim_fraction * len(accepted)) == 0:
+            # Flower's trim_mean cuts int(fraction * n) per side: 0 below 1 / fraction replies.
+            log.warning(
+                "trimmed-mean over %d update(s) with trim fraction %.2f trims nothing: this "
+                "round is a plain unweighted mean (use aggregation = 'median' below %d replies)",
+                len(accepted),
+                defences.trim_fraction,
+                math.ceil(1 / defences.trim_fraction),
+            )
         return {name: trim_mean(models(name), defences.trim_fraction) for name in reference}
     flat = [
         np.concatenate(
@@ -400,6 +417,9 @@ class WeightedFedAvg(FedAvg):
         self._noise_rng = secure_rng()
         self.wait_for_nodes_timeout = wait_for_nodes_timeout
         self._sent: ArrayRecord | None = None
+        self._sampled: list[int] = []
+        self.node_names: dict[int, str] = {}
+        """Instance id each node last gave, to name its error replies and silences."""
         self.last_train: list[Screened] = []
         self.last_evaluate: list[Screened] = []
         self.last_sent_bytes = 0
@@ -439,6 +459,7 @@ class WeightedFedAvg(FedAvg):
         if self.fraction_train == 0.0:
             return []
         nodes = self._sample(grid, self.fraction_train, self.min_train_nodes)
+        self._sampled = nodes
         config["server-round"] = server_round
         self.last_sent_bytes = arrays.count_bytes() * len(nodes)
         log.info("round %d: training on %d node(s)", server_round, len(nodes))
@@ -461,9 +482,27 @@ class WeightedFedAvg(FedAvg):
             raise RuntimeError("aggregate_train called before configure_train")
         d = self.defences
         screened = [screen_train_reply(m, self._sent) for m in replies]
+        for s in screened:
+            if s.instance_id == f"node-{s.node_id}":  # an error reply names no instance
+                s.instance_id = self.node_names.get(s.node_id, s.instance_id)
+            else:
+                self.node_names[s.node_id] = s.instance_id
+        replied = {s.node_id for s in screened}
+        silent = [
+            Screened(
+                self.node_names.get(node, f"node-{node}"),
+                node,
+                reason="no reply within round-timeout",
+                missing=True,
+            )
+            for node in self._sampled
+            if node not in replied
+        ]
+        for s in silent:
+            log.warning("round %d: no update from %s: %s", server_round, s.instance_id, s.reason)
         # Sorted by instance: the float sum, hence the model, does not depend on arrival order.
         screened.sort(key=lambda s: (s.instance_id, s.node_id))
-        self.last_train = screened
+        self.last_train = sorted([*screened, *silent], key=lambda s: (s.instance_id, s.node_id))
         for s in screened:
             if not s.ok:
                 _reject(s, s.reason, server_round)
@@ -491,7 +530,11 @@ class WeightedFedAvg(FedAvg):
                             server_round,
                         )
         accepted = [s for s in screened if s.ok]
-        counts = {"replies-ok": len(accepted), "replies-rejected": len(screened) - len(accepted)}
+        counts = {
+            "replies-ok": len(accepted),
+            "replies-rejected": len(screened) - len(accepted),
+            "replies-missing": len(silent),
+        }
         received = sum(s.payload_bytes for s in screened)
         if len(accepted) < max(d.min_train_replies, 1):
             log.warning(
@@ -533,6 +576,13 @@ class WeightedFedAvg(FedAvg):
             else:
                 verdict.metrics, verdict.reason = _metrics_of(message)
                 verdict.num_examples = int(verdict.metrics.get(WEIGHT_KEY, 0))
+                if verdict.num_examples > self.defences.max_examples_per_node:
+                    # The same plausibility bound as for updates: the aggregated validation
+                    # metric drives early stopping and the best-round choice.
+                    verdict.reason = (
+                        f"num-examples {verdict.num_examples} above max-examples-per-node "
+                        f"{self.defences.max_examples_per_node} (implausible)"
+                    )
             if not verdict.ok:
                 log.warning(
                     "round %d: evaluation from %s left out: %s",
