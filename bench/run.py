@@ -366,7 +366,7 @@ def torch_floor(overrides: dict[str, object], reps: int = 3) -> dict:
     from sigmax_fl.model import build_model
 
     s = _settings(overrides)
-    recipe = Recipe(s.horizon, s.max_gap, s.train_end, s.val_end, s.data_policy)
+    recipe = Recipe.of(s)
     start = time.perf_counter()
     data = [load_instance(src, recipe) for src in parse_sources(s.data_sources, s.data_dir)]
     prepare = time.perf_counter() - start

@@ -516,10 +516,7 @@ def run_scenario(setup: Setup, attack_name: str, out_dir: Path) -> Scenario:
             )
         except RuntimeError as err:
             undefended, undefended_model = f"unusable average: {err}".splitlines()[0], None
-    recipe = Recipe(
-        settings.horizon, settings.max_gap, settings.train_end, settings.val_end,
-        settings.data_policy,
-    )  # fmt: skip
+    recipe = Recipe.of(settings)
     preds, ys, ids, undefended_pred = {}, {}, [], {}
     for source in parse_sources(settings.data_sources, settings.data_dir):
         data = load_instance(source, recipe)
@@ -807,10 +804,7 @@ def run_all(
         raise ValueError(f"unknown attack(s) {unknown}; known: {sorted(ATTACKS)}")
     # Build every instance's features once, before the workers read the cache.
     settings = Settings.from_run_config(setup.run_config(out_dir, "warm-up"))
-    recipe = Recipe(
-        settings.horizon, settings.max_gap, settings.train_end, settings.val_end,
-        settings.data_policy,
-    )  # fmt: skip
+    recipe = Recipe.of(settings)
     (out_dir / "runs").mkdir(parents=True, exist_ok=True)
     with _flower_log_to(out_dir / "runs" / "data.log"):
         for source in parse_sources(settings.data_sources):

@@ -37,13 +37,7 @@ app = ClientApp()
 def _instance(context: Context) -> tuple[Settings, str, InstanceData]:
     settings = Settings.from_run_config(context.run_config)
     source = source_for_node(dict(context.node_config), settings.data_sources, settings.data_dir)
-    recipe = Recipe(
-        settings.horizon,
-        settings.max_gap,
-        settings.train_end,
-        settings.val_end,
-        settings.data_policy,
-    )
+    recipe = Recipe.of(settings)
     return settings, source.instance_id, load_instance(source, recipe)
 
 

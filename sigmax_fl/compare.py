@@ -711,13 +711,7 @@ def compare(
     sources = parse_sources(data_sources or settings.data_sources, settings.data_dir)
     request = Request(
         sources=tuple(sources),
-        recipe=Recipe(
-            settings.horizon,
-            settings.max_gap,
-            settings.train_end,
-            settings.val_end,
-            settings.data_policy,
-        ),
+        recipe=Recipe.of(settings),
         training=Training(
             rounds=settings.num_server_rounds if rounds is None else rounds,
             local_epochs=settings.local_epochs if local_epochs is None else local_epochs,

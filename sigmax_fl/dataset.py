@@ -13,12 +13,16 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from sigmax_fl.data import DataError, DataSource, load_ohlcv, source_digest
 from sigmax_fl.data.formats import split_asset
 from sigmax_fl.features import FEATURE_VERSION, Calendar, Scaler, make_features
+
+if TYPE_CHECKING:
+    from sigmax_fl.settings import Settings
 
 CACHE_DIR_ENV = "SIGMAX_FL_CACHE_DIR"
 SPLITS = ("train", "val", "test")
@@ -38,6 +42,17 @@ class Recipe:
     train_end: str
     val_end: str
     data_policy: str
+
+    @classmethod
+    def of(cls, settings: Settings) -> Recipe:
+        """The recipe a run config implies: every instance of the run builds the same way."""
+        return cls(
+            settings.horizon,
+            settings.max_gap,
+            settings.train_end,
+            settings.val_end,
+            settings.data_policy,
+        )
 
     def key(self, source: DataSource) -> str:
         # The file's bytes, or for a synthetic series its spec and generator version.

@@ -924,13 +924,7 @@ def dp_utility(
     if seeds < 1:
         raise ValueError(f"seeds must be >= 1, got {seeds}")
     started = time.monotonic()
-    recipe = Recipe(
-        settings.horizon,
-        settings.max_gap,
-        settings.train_end,
-        settings.val_end,
-        settings.data_policy,
-    )
+    recipe = Recipe.of(settings)
     datasets = []
     real = settings.data_sources if data_sources is None else data_sources
     if real:
