@@ -807,7 +807,7 @@ def _estimate(last: tuple[int, float, float] | None, n: int) -> float:
 def main(argv: list[str] | None = None) -> int:
     """Run every measurement and write the results."""
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__)
-    parser.add_argument("--instances", default="3,10,100", help="simulated instances to run")
+    parser.add_argument("--instances", default="3,10,100,1000", help="simulated instances to run")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument(
         "--budget",
