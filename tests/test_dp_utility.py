@@ -37,7 +37,7 @@ def _training(rounds: int, max_weight_share: float = 0.5) -> compare.Training:
 @pytest.fixture(scope="module")
 def markets() -> list[compare.Market]:
     s = Settings()
-    recipe = Recipe(s.horizon, s.max_gap, s.train_end, s.val_end, s.data_policy)
+    recipe = Recipe.of(s)
     return compare.load_markets(parse_sources(INSTANCES), recipe)
 
 

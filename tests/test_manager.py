@@ -41,7 +41,7 @@ INSTANCES = ("coinbase-btc-usd-1d", "bitstamp-eth-usd-1d")
 def loaders(series: str) -> tuple[DataLoader, DataLoader]:
     """Train and validation loaders from the app's own features of a bundled series."""
     s = Settings()
-    recipe = Recipe(s.horizon, s.max_gap, s.train_end, s.val_end, s.data_policy)
+    recipe = Recipe.of(s)
     data = load_instance(resolve_source(series), recipe)
 
     def loader(split: str, shuffle: bool) -> DataLoader:
