@@ -21,6 +21,23 @@ STOPPING_METRICS = {"val_loss": "min", "ic": "max", "rank_ic": "max", "hit_rate"
 """Aggregated validation metrics early stopping can watch, and which way is better."""
 DATA_POLICIES = ("strict", "repair")
 DP_MODES = ("off", "central", "local")
+USE_CASES = ("multi-market", "multi-strategy", "risk")
+TARGETS = ("return", "volatility")
+PERSONALISATION = ("none", "local-head", "fine-tune")
+SCALERS = ("local", "federated")
+UPDATE_ENCODINGS = ("float32", "float16", "int8")
+_USE_CASE_DEFAULTS = {
+    "multi-market": {"target": "return", "personalisation": "none"},
+    "multi-strategy": {"target": "return", "personalisation": "local-head"},
+    "risk": {"target": "volatility", "personalisation": "none"},
+}
+"""What ``auto`` means for ``target`` and ``personalisation`` under each ``use-case``."""
+_USE_CASE_ALLOWS = {
+    "multi-market": {"target": ("return",), "personalisation": ("none",)},
+    "multi-strategy": {"target": TARGETS, "personalisation": ("local-head", "fine-tune")},
+    "risk": {"target": ("volatility",), "personalisation": PERSONALISATION},
+}
+"""Explicit values a use case accepts: a preset never silently overrides an explicit key."""
 
 
 _UNITS = {"d": "days", "h": "hours", "min": "minutes", "m": "minutes", "s": "seconds"}
@@ -92,6 +109,20 @@ class Settings:
     secagg_num_shares: float = 1.0
     secagg_reconstruction_threshold: float = 0.67
     secagg_clip_norm: float = 2.0
+    use_case: str = "multi-market"
+    """A preset: ``multi-market`` (one next-bar return model across venues), ``multi-strategy``
+    (a shared body, each instance's own head or fine-tuned copy), ``risk`` (a realised-volatility
+    model). It resolves ``target`` and ``personalisation`` when they are ``auto``."""
+    target: str = "auto"
+    personalisation: str = "auto"
+    fine_tune_epochs: int = 1
+    instance_learning_rates: str = ""
+    """``"name=value,..."``: per-instance learning rates (simulation); in deployment a node's
+    ``learning-rate`` node config does the same. Either overrides ``learning-rate``."""
+    grad_accumulation_steps: int = 1
+    mixed_precision: bool = False
+    scaler: str = "local"
+    update_encoding: str = "float32"
 
     def __post_init__(self) -> None:
         positive = (
@@ -161,6 +192,15 @@ class Settings:
             )
         if self.dp_target_epsilon < 0:
             _bad("dp_target_epsilon", self.dp_target_epsilon, "an epsilon >= 0 (0: no target)")
+        self._resolve_use_case()
+        if self.scaler not in SCALERS:
+            _bad("scaler", self.scaler, f"one of {list(SCALERS)}")
+        if self.update_encoding not in UPDATE_ENCODINGS:
+            _bad("update_encoding", self.update_encoding, f"one of {list(UPDATE_ENCODINGS)}")
+        for name in ("fine_tune_epochs", "grad_accumulation_steps"):
+            if getattr(self, name) < 1:
+                _bad(name, getattr(self, name), "an integer >= 1")
+        self.instance_learning_rate_map()
         # Imported here: secagg imports the model, whose features module imports this one.
         from sigmax_fl.secagg import settings_problems
 
@@ -172,6 +212,40 @@ class Settings:
             self.defences()
         except ValueError as err:
             raise ConfigError(f"run-config: {err}") from None
+
+    def _resolve_use_case(self) -> None:
+        """Replace ``auto`` by the use case's value; an explicit value must fit the use case."""
+        if self.use_case not in USE_CASES:
+            _bad("use_case", self.use_case, f"one of {list(USE_CASES)}")
+        for name, choices in (("target", TARGETS), ("personalisation", PERSONALISATION)):
+            value = getattr(self, name)
+            if value == "auto":
+                object.__setattr__(self, name, _USE_CASE_DEFAULTS[self.use_case][name])
+            elif value not in choices:
+                _bad(name, value, f"'auto' or one of {list(choices)}")
+            allowed = _USE_CASE_ALLOWS[self.use_case][name]
+            if getattr(self, name) not in allowed:
+                _bad(name, value, f"one of {list(allowed)} with use-case = '{self.use_case}'")
+
+    def instance_learning_rate_map(self) -> dict[str, float]:
+        """``instance-learning-rates`` parsed: instance id -> learning rate."""
+        rates: dict[str, float] = {}
+        for item in filter(
+            None, (part.strip() for part in self.instance_learning_rates.split(","))
+        ):
+            name, sep, value = item.partition("=")
+            try:
+                rate = float(value)
+            except ValueError:
+                rate = 0.0
+            if not sep or not name.strip() or not rate > 0 or name.strip() in rates:
+                _bad(
+                    "instance_learning_rates",
+                    self.instance_learning_rates,
+                    f"'name=rate,...' with distinct names and rates > 0 (bad item {item!r})",
+                )
+            rates[name.strip()] = rate
+        return rates
 
     def _check_central_dp(self) -> None:
         """Central DP's sensitivity bound needs every share <= max-weight-share, on clipped updates.
