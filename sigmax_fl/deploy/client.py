@@ -10,8 +10,6 @@ missing or malformed variable, 1 a refused or failed SuperNode.
 
 from __future__ import annotations
 
-import argparse
-import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -22,21 +20,15 @@ from sigmax_fl.deploy.env import (
     client_id,
     client_options,
     data_source,
+    start_entry_point,
 )
-from sigmax_fl.deploy.server import variables_help
 
 PROG = "sigmax-fl-client"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Keep this instance's SuperNode running; the process's exit status."""
-    argparse.ArgumentParser(
-        prog=PROG,
-        description=__doc__.split("\n\n")[1].replace("``", ""),
-        epilog=variables_help(CLIENT_VARIABLES),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    ).parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format=f"{PROG}: %(levelname)s: %(message)s")
+    start_entry_point(PROG, __doc__, CLIENT_VARIABLES, argv)
     try:
         name = client_id(os.environ)
         options = client_options(os.environ, name)

@@ -10,11 +10,12 @@ variable is reported in well under a second.
 
 from __future__ import annotations
 
+import argparse
 import ipaddress
 import logging
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -537,3 +538,29 @@ def data_source(env: Mapping[str, str], data_dir: str = "") -> dict[str, str]:
     except DataError as err:
         raise EnvError("DATA_SOURCE", value, " ".join(str(err).split())) from None
     return {"data-path": source.path, "venue": source.venue}
+
+
+def variables_help(variables: dict[str, str]) -> str:
+    """The variables, one per line, for ``--help``."""
+    rows = {**variables, **APP_VARIABLES}
+    width = max(map(len, rows))
+    return "environment variables:\n" + "\n".join(
+        f"  {name:<{width}}  {text}" for name, text in rows.items()
+    )
+
+
+def start_entry_point(
+    prog: str, doc: str, variables: dict[str, str], argv: Sequence[str] | None
+) -> None:
+    """Answer ``--help`` (the module doc's second paragraph and the variables) and set up logging.
+
+    The entry points take no flags: SIGMAX's deployment scripts configure them by environment
+    alone, so anything but ``--help`` is an argparse error (exit status 2).
+    """
+    argparse.ArgumentParser(
+        prog=prog,
+        description=doc.split("\n\n")[1].replace("``", ""),
+        epilog=variables_help(variables),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    ).parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format=f"{prog}: %(levelname)s: %(message)s")

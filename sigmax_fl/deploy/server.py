@@ -10,41 +10,24 @@ missing or malformed variable, 1 a failed run.
 
 from __future__ import annotations
 
-import argparse
-import logging
 import os
 import sys
 from collections.abc import Sequence
 
 from sigmax_fl.deploy.env import (
-    APP_VARIABLES,
     SERVER_VARIABLES,
     EnvError,
     server_options,
     server_run_config,
+    start_entry_point,
 )
 
 PROG = "sigmax-fl-server"
 
 
-def variables_help(variables: dict[str, str]) -> str:
-    """The variables, one per line, for ``--help``."""
-    rows = {**variables, **APP_VARIABLES}
-    width = max(map(len, rows))
-    return "environment variables:\n" + "\n".join(
-        f"  {name:<{width}}  {text}" for name, text in rows.items()
-    )
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one federation from the environment; the process's exit status."""
-    argparse.ArgumentParser(
-        prog=PROG,
-        description=__doc__.split("\n\n")[1].replace("``", ""),
-        epilog=variables_help(SERVER_VARIABLES),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    ).parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format=f"{PROG}: %(levelname)s: %(message)s")
+    start_entry_point(PROG, __doc__, SERVER_VARIABLES, argv)
     try:
         options = server_options(os.environ)
         run_config = server_run_config(os.environ, options.app_dir)
