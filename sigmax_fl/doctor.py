@@ -26,7 +26,6 @@ import contextlib
 import datetime
 import functools
 import io
-import ipaddress
 import itertools
 import logging
 import os
@@ -42,6 +41,8 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+
+from sigmax_fl.deploy.credentials import names_host
 
 OK, WARN, FAIL = "OK", "WARN", "FAIL"
 
@@ -469,28 +470,6 @@ def subject_alt_names(cert: x509.Certificate) -> list[str]:
     return [f"DNS:{n}" for n in sans.get_values_for_type(x509.DNSName)] + [
         f"IP:{ip}" for ip in sans.get_values_for_type(x509.IPAddress)
     ]
-
-
-def names_host(cert: x509.Certificate, host: str) -> bool:
-    """True if the subjectAltName covers ``host`` as TLS clients match it.
-
-    An IP address or a DNS name, a leading ``*.`` matching one label; never the common name.
-    """
-    try:
-        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
-        return False
-    try:
-        return ipaddress.ip_address(host) in sans.get_values_for_type(x509.IPAddress)
-    except ValueError:
-        pass
-    host = host.lower().rstrip(".")
-    for name in (n.lower().rstrip(".") for n in sans.get_values_for_type(x509.DNSName)):
-        if name == host:
-            return True
-        if name.startswith("*.") and "." in host and host.split(".", 1)[1] == name[2:]:
-            return True
-    return False
 
 
 def verify_chain(

@@ -25,7 +25,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from sigmax_fl.deploy.credentials import ServerCertificates
+from sigmax_fl.deploy.credentials import ServerCertificates, names_host
 
 log = logging.getLogger("sigmax_fl.deploy")
 
@@ -311,7 +311,7 @@ def server_tls(env: Mapping[str, str], bind: Address) -> ServerCertificates | No
         raise EnvError(
             "FL_SERVER_KEY", str(key_path), "not an unencrypted PEM private key"
         ) from None
-    if not _names_host(cert, bind.connect_host):
+    if not names_host(cert, bind.connect_host):
         raise EnvError(
             "FL_SERVER_CERT",
             str(cert_path),
@@ -319,17 +319,6 @@ def server_tls(env: Mapping[str, str], bind: Address) -> ServerCertificates | No
             "SuperExec and the flwr CLI dial (python -m sigmax_fl.deploy.credentials adds it)",
         )
     return ServerCertificates(ca_path, cert_path, key_path)
-
-
-def _names_host(cert: x509.Certificate, host: str) -> bool:
-    try:
-        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
-        return False
-    try:
-        return ipaddress.ip_address(host) in sans.get_values_for_type(x509.IPAddress)
-    except ValueError:
-        return host.lower() in (n.lower() for n in sans.get_values_for_type(x509.DNSName))
 
 
 def server_options(
