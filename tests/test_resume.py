@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sigmax_fl.deploy.flwr_cli import FlwrHome, start_superlink, start_supernode
+from sigmax_fl.deploy.flwr_cli import FINISHED_OK, FlwrHome, start_superlink, start_supernode
 from sigmax_fl.deploy.processes import Supervisor
 
 from .conftest import DATA, ROOT
@@ -42,16 +42,15 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
 def test_killed_superlink_resumes_to_the_same_model(tmp_path: Path) -> None:
     outputs = tmp_path / "outputs"
     config = {**RUN_CONFIG, "outputs-dir": str(outputs)}
-    supervisor = Supervisor(tmp_path / "logs")
-    with supervisor, FlwrHome(tmp_path / "flwr-home") as home:
-        # Reference: one unbroken run
-        link = start_superlink(supervisor, home, tmp_path / "ref.db")
+    # The reference run has its own supervisor: stopping the broken run's processes
+    # (a machine lost) must not touch it. Both federations run at the same time.
+    reference, supervisor = Supervisor(tmp_path / "ref-logs"), Supervisor(tmp_path / "logs")
+    with reference, supervisor, FlwrHome(tmp_path / "flwr-home") as home:
+        # Reference: one unbroken run, submitted now and awaited at the end
+        link = start_superlink(reference, home, tmp_path / "ref.db")
         home.add_connection("ref", link.address)
-        start_nodes(supervisor, home, link.address, "ref")
-        home.run_app(
-            ROOT, "ref", run_config={**config, "run-name": "unbroken"}, stream=False, timeout=300
-        )
-        supervisor.stop_all()
+        start_nodes(reference, home, link.address, "ref")
+        ref_run = home.flwr_run(ROOT, "ref", run_config={**config, "run-name": "unbroken"})
 
         # The same run, its SuperLink killed once round 1 is checkpointed
         database = tmp_path / "broken.db"
@@ -78,7 +77,8 @@ def test_killed_superlink_resumes_to_the_same_model(tmp_path: Path) -> None:
             stream=False,
             timeout=300,
         )
-    assert supervisor.remaining() == []
+        assert home.wait_for_run(ref_run, "ref", timeout=300) == FINISHED_OK
+    assert supervisor.remaining() == [] and reference.remaining() == []
 
     unbroken, resumed = final_weights(outputs / "unbroken"), final_weights(outputs / "broken")
     assert unbroken.keys() == resumed.keys()
