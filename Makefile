@@ -7,6 +7,10 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # Simulated instances for `make run`: one per entry of data-sources.
 ARGS ?=
+# The suite mostly waits on real processes (SuperNodes poll every 3 s), so three workers
+# overlap those waits on two cores; a test module stays on one worker (its fixtures are shared).
+TEST_WORKERS ?= -n 3 --dist loadfile
+USE_CASE ?= multi-market
 
 .PHONY: setup run test lint bench compare dp-utility doctor deploy-local attacks clean
 
@@ -29,13 +33,14 @@ deploy-local: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m ruff check sigmax_fl tests bench
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(TEST_WORKERS)
 
 bench: $(STAMP)
 	$(PY) -m bench.run
 
+# `make compare USE_CASE=risk`: multi-market (default), multi-strategy or risk.
 compare: $(STAMP)
-	$(PY) -m sigmax_fl.cli compare --out outputs/compare
+	$(PY) -m sigmax_fl.cli compare --use-case $(USE_CASE) --out outputs/compare/$(USE_CASE)
 
 attacks: $(STAMP)
 	$(PY) -m sigmax_fl.attacks $(ARGS)

@@ -76,6 +76,13 @@ def _compare_arguments(parser: argparse.ArgumentParser) -> None:
         "--cost-bps", type=float, default=10.0, help="cost per unit of position change"
     )
     parser.add_argument("--horizon", type=int, help="bars ahead the target looks (default 1)")
+    parser.add_argument(
+        "--scaler",
+        choices=("local", "federated"),
+        default="local",
+        help="feature normalisation: each instance's own training statistics, or the pooled "
+        "ones of run config scaler = federated (default: local)",
+    )
     parser.add_argument("--bootstrap", type=int, default=1000, help="resamples per interval")
     parser.add_argument("--workers", type=int, help="processes (default: one per core)")
     parser.add_argument("--out", help="output folder (default: outputs/compare-<use case>-<time>)")
@@ -89,7 +96,7 @@ def _compare(args: argparse.Namespace) -> int:
     from sigmax_fl.settings import Settings
 
     settings = Settings()
-    changes = {"data_dir": args.data_dir}
+    changes = {"data_dir": args.data_dir, "scaler": args.scaler}
     if args.horizon is not None:
         changes["horizon"] = args.horizon
     started = time.monotonic()

@@ -2,30 +2,36 @@
 
 Raw bars, features, the scaler and trading metrics never leave the instance; a train reply
 carries the updated weights, ``train_loss`` and ``num-examples``; an evaluate reply carries the
-validation loss, hit rate, IC and rank IC.
+validation loss, hit rate, IC and rank IC (for a volatility target: QLIKE and the correlation of
+predicted and realised volatility). With ``scaler = "federated"`` (an opt-in) the instance also
+answers one statistics request before round 1: count, sums and centred sums of squares of its
+training features (:mod:`sigmax_fl.scaling`).
 """
 
 from __future__ import annotations
 
+import math
 import zlib
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from sigmax_fl import secagg, task
-from sigmax_fl.data import source_for_node
+from sigmax_fl import codec, personal, scaling, secagg, task
+from sigmax_fl.codec import as_numpy
+from sigmax_fl.data import parse_sources, source_for_node
 from sigmax_fl.dataset import InstanceData, Recipe, default_cache_dir, load_instance
-from sigmax_fl.model import build_model
 from sigmax_fl.privacy import (
     dp_sgd_schedule,
     load_local_accountant,
     save_local_accountant,
     train_dp_sgd,
 )
-from sigmax_fl.settings import Settings
+from sigmax_fl.settings import ConfigError, Settings
 from sigmax_fl.strategy import EPSILON_KEY, META_KEY, WEIGHT_KEY
+from sigmax_fl.targets import VALIDATION_METRICS
 
 # A 15k-parameter MLP gains nothing from intra-op threads, and simulated instances share
 # the machine's cores: one thread each avoids oversubscription.
@@ -38,13 +44,70 @@ def _instance(context: Context) -> tuple[Settings, str, InstanceData]:
     settings = Settings.from_run_config(context.run_config)
     source = source_for_node(dict(context.node_config), settings.data_sources, settings.data_dir)
     recipe = Recipe.of(settings)
+    # This instance's own rate, for every training path (plain, DP-SGD, fine-tuning)
+    rate = learning_rate(settings, context, source.instance_id)
+    settings = replace(settings, learning_rate=rate)
     return settings, source.instance_id, load_instance(source, recipe)
 
 
-def _model(settings: Settings, message: Message) -> torch.nn.Module:
-    model = build_model(settings.model)
-    model.load_state_dict(message.content["arrays"].to_torch_state_dict())
-    return model
+def _federated(settings: Settings, message: Message, data: InstanceData) -> InstanceData:
+    """With ``scaler = "federated"``: the data normalised by the pooled statistics sent along."""
+    if settings.scaler != "federated":
+        return data
+    scaler = scaling.from_config(message.content["config"])
+    if scaler is None:
+        raise ConfigError(
+            f"{data.instance_id}: scaler = 'federated' but this {message.metadata.message_type} "
+            "message carries no pooled scaler statistics"
+        )
+    return data.rescaled(scaler)
+
+
+def learning_rate(settings: Settings, context: Context, instance_id: str) -> float:
+    """The instance's step size, the first of three that is set.
+
+    Node config ``learning-rate``, else the instance's entry in run config
+    ``instance-learning-rates``, else ``learning-rate``. Instances differ in volatility and
+    size, so one rate need not suit all. A value that would be silently ignored is an error:
+    a node config that is not a positive number, one that contradicts
+    ``instance-learning-rates``, and (in simulation, where the instances are the entries of
+    ``data-sources``) a name in ``instance-learning-rates`` that is no instance.
+    """
+    node_config = context.node_config
+    rates = settings.instance_learning_rate_map()
+    if rates and "partition-id" in node_config:
+        known = {s.instance_id for s in parse_sources(settings.data_sources, settings.data_dir)}
+        if unknown := sorted(set(rates) - known - {instance_id}):
+            raise ConfigError(
+                f"run-config 'instance-learning-rates' names {unknown}, which are not instances "
+                f"of data-sources {sorted(known)}"
+            )
+    if "learning-rate" not in node_config:
+        return rates.get(instance_id, settings.learning_rate)
+    value = node_config["learning-rate"]
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not (math.isfinite(value) and value > 0)
+    ):
+        raise ConfigError(
+            f"node config 'learning-rate' = {value!r} on instance '{instance_id}' (node "
+            f"{context.node_id}): expected a positive number"
+        )
+    if instance_id in rates and rates[instance_id] != value:
+        raise ConfigError(
+            f"instance '{instance_id}' (node {context.node_id}): node config 'learning-rate' = "
+            f"{value!r} contradicts run-config 'instance-learning-rates' = "
+            f"{rates[instance_id]!r}; set one of them"
+        )
+    return float(value)
+
+
+def _model(
+    settings: Settings, message: Message, instance_id: str, context: Context
+) -> torch.nn.Module:
+    arrays = message.content["arrays"].to_torch_state_dict()
+    return personal.received_model(settings, arrays, instance_id, context.run_id)
 
 
 def _reply(
@@ -63,11 +126,13 @@ def train(message: Message, context: Context) -> Message:
     """Train the received global model for ``local-epochs`` on this instance's training rows."""
     # Load this instance's data (cached) and the global model
     settings, instance_id, data = _instance(context)
-    model = _model(settings, message)
+    data = _federated(settings, message, data)
+    model = _model(settings, message, instance_id, context)
     server_round = int(message.content["config"].get("server-round", 0))
 
     if settings.dp == "local":
-        return _train_dp(message, settings, instance_id, data, model)
+        reply = _train_dp(message, settings, instance_id, data, model, context.run_id)
+        return encoded(reply, message, settings.update_encoding, context)
 
     # Train locally, seeded by run seed, round and instance, so a rerun is identical
     seed = settings.seed * 1_000_003 + server_round * 7919 + zlib.crc32(instance_id.encode())
@@ -80,11 +145,33 @@ def train(message: Message, context: Context) -> Message:
         learning_rate=settings.learning_rate,
         optimizer=settings.optimizer,
         seed=seed,
+        grad_accumulation_steps=settings.grad_accumulation_steps,
+        mixed_precision=settings.mixed_precision,
     )
 
     # Reply with the weights and the example count the server weighs them by
     metrics = {"train_loss": train_loss, WEIGHT_KEY: data.rows("train")}
-    return _reply(message, instance_id, metrics, ArrayRecord(model.state_dict()))
+    sent = personal.outgoing(settings, model, instance_id, context.run_id, server_round)
+    reply = _reply(message, instance_id, metrics, ArrayRecord(sent))
+    return encoded(reply, message, settings.update_encoding, context)
+
+
+def encoded(reply: Message, message: Message, encoding: str, context: Context) -> Message:
+    """The train reply with its weights as the ``update-encoding`` delta (float32: unchanged).
+
+    The residual the encoding drops is kept in ``context.state`` (Flower keeps it per node
+    for the run, in simulation and deployment) and added to the next round's delta.
+    """
+    if encoding == "float32":
+        return reply
+    local = {k: as_numpy(a) for k, a in reply.content["arrays"].items()}
+    received = {k: as_numpy(a) for k, a in message.content["arrays"].items()}
+    residual = codec.load_residual(context.state)
+    arrays, residual = codec.encode_update(local, received, encoding, residual)
+    codec.save_residual(context.state, residual)
+    reply.content["arrays"] = arrays
+    reply.content[META_KEY][codec.ENCODING_KEY] = encoding
+    return reply
 
 
 def ledger_path(instance_id: str) -> Path:
@@ -98,6 +185,7 @@ def _train_dp(
     instance_id: str,
     data: InstanceData,
     model: torch.nn.Module,
+    run_id: int,
 ) -> Message:
     """Local DP: DP-SGD on this instance's rows; epsilon per training row, kept on its disk.
 
@@ -133,7 +221,9 @@ def _train_dp(
     accountant.step(z, q, steps)
     save_local_accountant(path, accountant)
     metrics = {WEIGHT_KEY: rows, EPSILON_KEY: accountant.epsilon(delta)}
-    return _reply(message, instance_id, metrics, ArrayRecord(model.state_dict()))
+    server_round = int(message.content["config"].get("server-round", 0))
+    sent = personal.outgoing(settings, model, instance_id, run_id, server_round)
+    return _reply(message, instance_id, metrics, ArrayRecord(sent))
 
 
 class PrivacyBudgetError(RuntimeError):
@@ -142,12 +232,30 @@ class PrivacyBudgetError(RuntimeError):
 
 @app.evaluate()
 def evaluate(message: Message, context: Context) -> Message:
-    """Score the received global model on this instance's validation rows."""
+    """Score the received global model (or this instance's personalised one) on its val rows."""
     settings, instance_id, data = _instance(context)
-    model = _model(settings, message)
-    scores = task.evaluate(model, data.X("val"), data.y("val"))
+    data = _federated(settings, message, data)
+    model = _model(settings, message, instance_id, context)
+    model = personal.evaluated_model(settings, model, data, instance_id, context.run_id)
+    scores = task.evaluate(model, data.X("val"), data.y("val"), target=settings.target)
     metrics = {"val_loss": scores["loss"], WEIGHT_KEY: data.rows("val")}
     # The instance's own trading metrics leave it only if the operator allows it.
     if settings.share_instance_metrics:
-        metrics.update(hit_rate=scores["hit_rate"], ic=scores["ic"], rank_ic=scores["rank_ic"])
+        metrics.update({name: scores[name] for name in VALIDATION_METRICS[settings.target]})
     return _reply(message, instance_id, metrics)
+
+
+@app.query("scaler_statistics")
+def scaler_statistics(message: Message, context: Context) -> Message:
+    """``scaler = "federated"``, before round 1: this instance's training-row moments.
+
+    Count, per-feature sum and per-feature sum of squared deviations of the training rows'
+    unscaled features; no rows, no other split. Refused unless the run opted in.
+    """
+    settings, instance_id, data = _instance(context)
+    if settings.scaler != "federated":
+        raise ConfigError(
+            f"{instance_id}: scaler statistics requested, but run-config 'scaler' = "
+            f"'{settings.scaler}'; an instance shares them only with scaler = 'federated'"
+        )
+    return scaling.reply(message, instance_id, scaling.Moments.of(data.raw("train")))

@@ -17,8 +17,10 @@ the learning rate and the round to keep are chosen on validation loss alone; eac
 predicts the test split once, after selection, and those predictions are scored next to naive
 baselines with block-bootstrap confidence intervals.
 
-Use cases register in :data:`USE_CASES`; only ``multi-market`` (one next-bar return model
-across venues and assets) exists so far.
+Use cases register in :data:`USE_CASES` (and, with their own tables, :data:`OUTPUTS`):
+``multi-market`` (one next-bar return model across venues and assets, here),
+``multi-strategy`` (:mod:`sigmax_fl.compare_strategy`) and ``risk`` (a realised-volatility
+model, :mod:`sigmax_fl.compare_risk`).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import multiprocessing
 import time
 import zlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,12 +45,12 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
-from sigmax_fl import metrics, task
+from sigmax_fl import metrics, scaling, task
 from sigmax_fl.data import DataSource, load_ohlcv, parse_sources
 from sigmax_fl.dataset import InstanceData, Recipe, default_cache_dir, load_instance
 from sigmax_fl.model import build_model
 from sigmax_fl.runs import outputs_root
-from sigmax_fl.settings import Settings
+from sigmax_fl.settings import SCALERS, Settings
 from sigmax_fl.strategy import weighted_average
 
 log = logging.getLogger(__name__)
@@ -128,6 +130,10 @@ class Request:
     cost_bps: float
     n_boot: int
     workers: int
+    fine_tune_epochs: int = 1
+    """Epochs each instance fine-tunes the global model for (multi-strategy's fine-tune kind)."""
+    scaler: str = "local"
+    """``local``: each instance's own training statistics; ``federated``: pooled ones."""
 
 
 @dataclass(frozen=True)
@@ -147,8 +153,16 @@ class Market:
         return pd.to_datetime(self.data.arrays[f"t_{split}"], utc=True)
 
 
-def load_markets(sources: Sequence[DataSource], recipe: Recipe) -> list[Market]:
-    """Each instance's scaled arrays (via the feature cache) and its raw last returns."""
+def load_markets(
+    sources: Sequence[DataSource], recipe: Recipe, scaler: str = "local"
+) -> list[Market]:
+    """Each instance's scaled arrays (via the feature cache) and its raw last returns.
+
+    ``scaler = "federated"`` normalises every instance with the statistics pooled over all
+    instances' training rows, merged from per-instance moments as the app's round 0 does.
+    """
+    if scaler not in SCALERS:
+        raise ValueError(f"scaler '{scaler}': expected one of {list(SCALERS)}")
     markets = []
     for source in sources:
         data = load_instance(source, recipe)
@@ -165,6 +179,9 @@ def load_markets(sources: Sequence[DataSource], recipe: Recipe) -> list[Market]:
         bars = load_ohlcv(source.path, policy=recipe.data_policy)
         last = np.log(bars["close"]).diff(recipe.horizon).reindex(times).to_numpy()
         markets.append(Market(data, last, bars.attrs["bar_interval"]))
+    if scaler == "federated":
+        pooled = scaling.pool([scaling.Moments.of(m.data.raw("train")) for m in markets])
+        markets = [replace(m, data=m.data.rescaled(pooled.scaler())) for m in markets]
     return markets
 
 
@@ -201,6 +218,8 @@ class KindFit:
 
 Step = Callable[[torch.nn.Module, int, float], None]
 """Advance a model in place by one round: (model, round 1..R, learning rate)."""
+Predict = Callable[[torch.nn.Module, Market, float], np.ndarray]
+"""(model, instance, learning rate) -> that instance's validation forecasts."""
 
 
 def round_seed(seed: int, server_round: int, name: str) -> int:
@@ -249,23 +268,34 @@ def _federated_step(training: Training, seed: int, markets: Sequence[Market]) ->
 
 
 def _select(
-    training: Training, seed: int, step: Step, markets: Sequence[Market]
+    training: Training,
+    seed: int,
+    step: Step,
+    markets: Sequence[Market],
+    *,
+    build: Callable[[], torch.nn.Module] | None = None,
+    predict: Predict | None = None,
 ) -> tuple[Selection, dict[str, torch.Tensor]]:
     """Train ``rounds`` rounds per learning rate; keep the (rate, round) of least val loss.
 
     The loss is the MSE over all the given instances' validation rows, i.e. the example-weighted
-    mean of their losses, as the ServerApp aggregates ``val_loss``.
+    mean of their losses, as the ServerApp aggregates ``val_loss``. ``build`` (default: the
+    seeded model) and ``predict`` (default: the model's own forecast) let a personalised kind
+    keep per-instance parts in its module and forecast each instance as that instance would.
     """
     y_all = np.concatenate([m.data.y("val") for m in markets])
     best: tuple[float, Selection, dict[str, torch.Tensor]] | None = None
     for lr in training.learning_rates:
-        model = build_model(training.model, seed=seed)
+        model = build() if build else build_model(training.model, seed=seed)
         curve: list[float] = []
         per_instance: dict[str, list[float]] = {m.instance_id: [] for m in markets}
         kept: tuple[float, int, dict[str, torch.Tensor]] = (math.inf, 0, {})
         for server_round in range(1, training.rounds + 1):
             step(model, server_round, lr)
-            preds = [task.predict(model, m.data.X("val")) for m in markets]
+            preds = [
+                predict(model, m, lr) if predict else task.predict(model, m.data.X("val"))
+                for m in markets
+            ]
             for market, pred in zip(markets, preds, strict=True):
                 per_instance[market.instance_id].append(metrics.mse(pred, market.data.y("val")))
             curve.append(metrics.mse(np.concatenate(preds), y_all))
@@ -329,14 +359,18 @@ def fit_seed(markets: Sequence[Market], training: Training, seed: int) -> dict[s
 
 
 def fit_seeds(
-    markets: Sequence[Market], training: Training, seeds: Sequence[int], workers: int
+    markets: Sequence[Market],
+    training: Training,
+    seeds: Sequence[int],
+    workers: int,
+    fit: Callable[[Sequence[Market], Training, int], dict[str, KindFit]] = fit_seed,
 ) -> list[dict[str, KindFit]]:
-    """:func:`fit_seed` for every seed, in ``workers`` processes (1: in this process)."""
+    """``fit`` (:func:`fit_seed`) for every seed, in ``workers`` processes (1: in this one)."""
     if workers <= 1 or len(seeds) == 1:
         out = []
         for seed in seeds:
             started = time.monotonic()
-            out.append(fit_seed(markets, training, seed))
+            out.append(fit(markets, training, seed))
             log.info("compare: seed %d trained in %.1fs", seed, time.monotonic() - started)
         return out
     # spawn, not fork: a forked child inherits torch's thread pools in an undefined state.
@@ -344,7 +378,7 @@ def fit_seeds(
     with concurrent.futures.ProcessPoolExecutor(
         workers, mp_context=context, initializer=torch.set_num_threads, initargs=(TORCH_THREADS,)
     ) as pool:
-        futures = [pool.submit(fit_seed, markets, training, seed) for seed in seeds]
+        futures = [pool.submit(fit, markets, training, seed) for seed in seeds]
         for seed, future in zip(seeds, futures, strict=True):
             future.add_done_callback(lambda _, s=seed: log.info("compare: seed %d trained", s))
         return [f.result() for f in futures]
@@ -415,23 +449,33 @@ class Scope:
     times: pd.DatetimeIndex
 
 
-def build_scopes(markets: Sequence[Market], fits: Sequence[dict[str, KindFit]]) -> list[Scope]:
-    """One scope per instance, then the panel of all instances on their union of test bars."""
-    baselines = {
-        m.instance_id: {
-            "zero": np.zeros(m.data.rows("test")),
-            "last_reversed": -m.last_return,
-            "always_long": np.ones(m.data.rows("test")),
+def build_scopes(
+    markets: Sequence[Market],
+    fits: Sequence[dict[str, KindFit]],
+    baselines: dict[str, dict[str, np.ndarray]] | None = None,
+) -> list[Scope]:
+    """One scope per instance, then the panel of all instances on their union of test bars.
+
+    ``baselines`` maps instance id -> baseline name -> test forecast; default: the return
+    baselines of :data:`BASELINES`.
+    """
+    if baselines is None:
+        baselines = {
+            m.instance_id: {
+                "zero": np.zeros(m.data.rows("test")),
+                "last_reversed": -m.last_return,
+                "always_long": np.ones(m.data.rows("test")),
+            }
+            for m in markets
         }
-        for m in markets
-    }
+    names = tuple(baselines[markets[0].instance_id])
 
     def stacked(kind: str, instance_id: str) -> np.ndarray:
-        if kind in BASELINES:
+        if kind in names:
             return baselines[instance_id][kind][None, :]
         return np.stack([fit[kind].test_pred[instance_id] for fit in fits])
 
-    models = (*KINDS, *BASELINES)
+    models = (*fits[0], *names)
     scopes = []
     for m in markets:
         scopes.append(
@@ -478,21 +522,30 @@ def _estimate(value: float, interval: tuple[float, float], seed_sd: float | None
 
 
 def score_scope(
-    scope: Scope, cost_bps: float, horizon: int, n_boot: int, boot_seed: int = 0
+    scope: Scope,
+    cost_bps: float,
+    horizon: int,
+    n_boot: int,
+    boot_seed: int = 0,
+    *,
+    fns: dict[str, Metric] | None = None,
+    differences: Sequence[tuple[str, str]] = DIFFERENCES,
+    not_applicable: dict[str, set[str]] = NOT_APPLICABLE,
 ) -> dict[str, Any]:
     """Every model's and baseline's metrics with 95 % intervals, and the paired differences.
 
     All statistics of a scope are computed on the same bootstrap resamples of its bars
     (``boot_seed``), so a difference's interval comes from the element-wise differences and
-    accounts for the noise the two models share.
+    accounts for the noise the two models share. ``fns`` default to the return metrics.
     """
-    fns = _metric_fns(scope.periods_per_year, cost_bps, horizon)
+    if fns is None:
+        fns = _metric_fns(scope.periods_per_year, cost_bps, horizon)
     results: dict[str, dict[str, dict]] = {}
     draws: dict[tuple[str, str], np.ndarray] = {}
     for name, pred in scope.preds.items():
         results[name] = {}
         for metric, fn in fns.items():
-            if metric in NOT_APPLICABLE.get(name, ()):
+            if metric in not_applicable.get(name, ()):
                 results[name][metric] = _estimate(math.nan, (math.nan, math.nan), None)
                 continue
             per_seed = [fn(p, scope.realised) for p in pred]
@@ -503,7 +556,7 @@ def score_scope(
             results[name][metric] = _estimate(
                 float(np.mean(per_seed)), metrics.percentile_interval(draws[name, metric]), sd
             )
-    differences = {
+    paired = {
         f"{a} - {b}": {
             metric: _estimate(
                 results[a][metric]["value"] - results[b][metric]["value"],
@@ -512,7 +565,7 @@ def score_scope(
             )
             for metric in fns
         }
-        for a, b in DIFFERENCES
+        for a, b in differences
     }
     return {
         "bars": int(np.sum(~np.isnan(scope.realised).all(axis=0))),
@@ -520,14 +573,14 @@ def score_scope(
         "dates": [str(scope.times[0].date()), str(scope.times[-1].date())],
         "periods_per_year": scope.periods_per_year,
         "models": results,
-        "differences": differences,
+        "differences": paired,
     }
 
 
-def return_correlation(
+def target_correlation(
     markets: Sequence[Market], splits: Sequence[str] = ("train", "val", "test")
 ) -> dict[str, dict[str, float | None]]:
-    """Pearson correlation of the instances' realised returns on their common bars.
+    """Pearson correlation of the instances' realised targets (returns, log vol) on common bars.
 
     Near-duplicate instances (one asset on two venues) add little new information: pooling
     or federating them mostly re-weights that asset, which this makes visible.
@@ -558,7 +611,7 @@ def _selection_summary(fits: Sequence[dict[str, KindFit]]) -> dict[str, dict[str
             }
             for unit in fits[0][kind].selections
         }
-        for kind in KINDS
+        for kind in fits[0]
     }
 
 
@@ -579,7 +632,7 @@ def _val_curves(
             ).tolist()
             for m in markets
         }
-        for kind in KINDS
+        for kind in fits[0]
     }
 
 
@@ -593,17 +646,27 @@ def _net_returns(scope: Scope, cost_bps: float, horizon: int) -> dict[str, list]
     return out
 
 
-def multi_market(request: Request) -> dict[str, Any]:
-    """One next-bar return model across venues and assets: the three kinds and baselines."""
+def multi_market(
+    request: Request,
+    *,
+    use_case: str = "multi-market",
+    fit: Callable[[Sequence[Market], Training, int], dict[str, KindFit]] = fit_seed,
+    differences: Sequence[tuple[str, str]] = DIFFERENCES,
+) -> dict[str, Any]:
+    """One next-bar return model across venues and assets: the three kinds and baselines.
+
+    A return-forecast use case that trains other kinds (``fit``) and reports other paired
+    ``differences`` reuses it whole.
+    """
     started = time.monotonic()
-    markets = load_markets(request.sources, request.recipe)
-    fits = fit_seeds(markets, request.training, request.seeds, request.workers)
+    markets = load_markets(request.sources, request.recipe, request.scaler)
+    fits = fit_seeds(markets, request.training, request.seeds, request.workers, fit)
     trained = time.monotonic()
     scopes = build_scopes(markets, fits)
     horizon = request.recipe.horizon
     t = request.training
     return {
-        "use_case": "multi-market",
+        "use_case": use_case,
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "note": FEDERATION_NOTE,
         "config": {
@@ -615,6 +678,7 @@ def multi_market(request: Request) -> dict[str, Any]:
             "optimizer": t.optimizer,
             "model": t.model,
             "max_weight_share": t.max_weight_share,
+            "scaler": request.scaler,
             "seeds": list(request.seeds),
             "cost_bps": request.cost_bps,
             "horizon": horizon,
@@ -631,8 +695,8 @@ def multi_market(request: Request) -> dict[str, Any]:
             for m in markets
         },
         "return_correlation": {
-            "all splits": return_correlation(markets),
-            "test": return_correlation(markets, ("test",)),
+            "all splits": target_correlation(markets),
+            "test": target_correlation(markets, ("test",)),
         },
         "selection": _selection_summary(fits),
         "val_loss_per_round": _val_curves(fits, markets),
@@ -641,7 +705,10 @@ def multi_market(request: Request) -> dict[str, Any]:
             for m in markets
         },
         "scopes": {
-            s.name: score_scope(s, request.cost_bps, horizon, request.n_boot) for s in scopes
+            s.name: score_scope(
+                s, request.cost_bps, horizon, request.n_boot, differences=differences
+            )
+            for s in scopes
         },
         "test_net_returns": {s.name: _net_returns(s, request.cost_bps, horizon) for s in scopes},
         "seconds": {
@@ -651,7 +718,42 @@ def multi_market(request: Request) -> dict[str, Any]:
     }
 
 
-USE_CASES: dict[str, Callable[[Request], dict[str, Any]]] = {"multi-market": multi_market}
+def _risk(request: Request) -> dict[str, Any]:
+    """The cross-portfolio volatility model (:mod:`sigmax_fl.compare_risk`, built on this one)."""
+    from sigmax_fl.compare_risk import risk
+
+    return risk(request)
+
+
+def _risk_outputs(result: dict[str, Any], out_dir: Path) -> None:
+    from sigmax_fl.compare_risk import write_outputs as write_risk_outputs
+
+    write_risk_outputs(result, out_dir)
+
+
+def _multi_strategy(request: Request) -> dict[str, Any]:
+    """Personalised vs plain federated models (:mod:`sigmax_fl.compare_strategy`)."""
+    from sigmax_fl.compare_strategy import multi_strategy
+
+    return multi_strategy(request)
+
+
+def _multi_strategy_outputs(result: dict[str, Any], out_dir: Path) -> None:
+    from sigmax_fl.compare_strategy import write_outputs as write_strategy_outputs
+
+    write_strategy_outputs(result, out_dir)
+
+
+USE_CASES: dict[str, Callable[[Request], dict[str, Any]]] = {
+    "multi-market": multi_market,
+    "multi-strategy": _multi_strategy,
+    "risk": _risk,
+}
+OUTPUTS: dict[str, Callable[[dict[str, Any], Path], None]] = {
+    "risk": _risk_outputs,
+    "multi-strategy": _multi_strategy_outputs,
+}
+"""Use cases that write their own outputs; the others use :func:`write_outputs`."""
 """Use case name -> the function that runs it; each returns the result written out."""
 
 
@@ -708,6 +810,8 @@ def compare(
         raise ValueError(f"unknown use case '{use_case}'; known: {sorted(USE_CASES)}")
     if seeds < 1:
         raise ValueError(f"seeds must be >= 1, got {seeds}")
+    if settings.scaler != "local" and use_case != "multi-market":
+        raise ValueError(f"scaler '{settings.scaler}' is compared for use case multi-market only")
     sources = parse_sources(data_sources or settings.data_sources, settings.data_dir)
     request = Request(
         sources=tuple(sources),
@@ -725,6 +829,8 @@ def compare(
         cost_bps=cost_bps,
         n_boot=n_boot,
         workers=min(seeds, multiprocessing.cpu_count()) if workers is None else workers,
+        fine_tune_epochs=settings.fine_tune_epochs,
+        scaler=settings.scaler,
     )
     torch.set_num_threads(TORCH_THREADS)
     started = time.monotonic()
@@ -734,7 +840,7 @@ def compare(
         stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
         out_dir = outputs_root(settings.outputs_dir) / f"compare-{use_case}-{stamp}"
     out = Path(out_dir)
-    write_outputs(result, out)
+    OUTPUTS.get(use_case, write_outputs)(result, out)
     return {**result, "out_dir": str(out)}
 
 
@@ -758,7 +864,7 @@ def _fmt(metric: str, x: float | None, signed: bool) -> str:
         return "n/a"
     if metric == "mse":
         return f"{x:+.2e}" if signed else f"{x:.2e}"
-    return f"{x:+.3f}" if signed or metric != "hit_rate" else f"{x:.3f}"
+    return f"{x:+.3f}" if signed or metric not in ("hit_rate", "qlike") else f"{x:.3f}"
 
 
 def _cell(metric: str, estimate: dict, signed: bool) -> str:
@@ -769,20 +875,45 @@ def _cell(metric: str, estimate: dict, signed: bool) -> str:
 
 
 def _table(
-    rows: dict[str, dict[str, dict]], labels: dict[str, str], *, signed: bool = False
+    rows: dict[str, dict[str, dict]],
+    labels: dict[str, str],
+    *,
+    signed: bool = False,
+    columns: dict[str, str] = METRIC_LABELS,
 ) -> list[str]:
-    header = "| | " + " | ".join(METRIC_LABELS[m] for m in METRICS) + " |"
-    lines = [header, "|---" * (len(METRICS) + 1) + "|"]
+    """A markdown table of estimates; ``columns``: metric -> header, in order."""
+    header = "| | " + " | ".join(columns.values()) + " |"
+    lines = [header, "|---" * (len(columns) + 1) + "|"]
     for name, values in rows.items():
-        cells = " | ".join(_cell(m, values[m], signed) for m in METRICS)
+        cells = " | ".join(_cell(m, values[m], signed) for m in columns)
         lines.append(f"| {labels.get(name, name)} | {cells} |")
     return lines
 
 
-def render_markdown(result: dict[str, Any]) -> str:
+def correlation_table(what: str, corr: dict[str, dict[str, float | None]]) -> list[str]:
+    """Markdown lines of an instance x instance correlation matrix (common bars)."""
+    ids = list(corr)
+    lines = [
+        "",
+        f"## Correlation of {what}, common bars",
+        "",
+        "| | " + " | ".join(ids) + " |",
+        "|---" * (len(ids) + 1) + "|",
+    ]
+    for a in ids:
+        lines.append(f"| {a} | " + " | ".join(_fmt("ic", corr[a][b], False) for b in ids) + " |")
+    return lines
+
+
+def render_markdown(result: dict[str, Any], labels: dict[str, str] = LABELS) -> str:
     """compare.md: set-up, one table per instance and one over all instances, differences."""
     c = result["config"]
     seeds = c["seeds"]
+    scaled_by = (
+        "the statistics pooled over all instances' training rows (scaler = federated)"
+        if c.get("scaler") == "federated"
+        else "each instance's own training statistics"
+    )
     lines = [
         f"# Federated vs local-only vs pooled: {result['use_case']}",
         "",
@@ -792,7 +923,8 @@ def render_markdown(result: dict[str, Any]) -> str:
         f"over each instance's training rows, batch {c['batch_size']}, {c['optimizer']}, "
         f"learning rate chosen from {c['learning_rates']} and round kept chosen on validation "
         f"loss only; {len(seeds)} seeds ({seeds[0]}..{seeds[-1]}); the test split is predicted "
-        f"once per model. Cost {c['cost_bps']:g} bps per unit of position changed. Wall time "
+        f"once per model. Features normalised by {scaled_by}. Cost {c['cost_bps']:g} bps "
+        "per unit of position changed. Wall time "
         f"{result['seconds']['total']:.0f} s.",
         "",
         result["note"],
@@ -819,7 +951,7 @@ def render_markdown(result: dict[str, Any]) -> str:
                 else "."
             ),
             "",
-            *_table(scope["models"], LABELS),
+            *_table(scope["models"], labels),
             "",
             *_table(scope["differences"], {}, signed=True),
             "",
@@ -829,7 +961,7 @@ def render_markdown(result: dict[str, Any]) -> str:
         for unit, chosen in units.items():
             who = "" if unit == "all" else f" ({unit})"
             lines.append(
-                f"- {LABELS[kind]}{who}: rounds {chosen['best_round']} of {c['rounds']}"
+                f"- {labels[kind]}{who}: rounds {chosen['best_round']} of {c['rounds']}"
                 + (
                     f", learning rates {chosen['learning_rate']}"
                     if len(c["learning_rates"]) > 1
@@ -837,17 +969,7 @@ def render_markdown(result: dict[str, Any]) -> str:
                 )
             )
     for period, corr in result["return_correlation"].items():
-        ids = list(corr)
-        lines += [
-            "",
-            f"## Correlation of the instances' realised returns ({period}, common bars)",
-            "",
-            "| | " + " | ".join(ids) + " |",
-            "|---" * (len(ids) + 1) + "|",
-        ]
-        for a in ids:
-            row = " | ".join(_fmt("ic", corr[a][b], False) for b in ids)
-            lines.append(f"| {a} | {row} |")
+        lines += correlation_table(f"the instances' realised returns ({period})", corr)
     lines += [
         "",
         "![metrics](compare_metrics.png)",

@@ -32,6 +32,10 @@ log = logging.getLogger(f"flwr.{__name__}")
 
 _MEMORY: dict[str, InstanceData] = {}
 
+CACHE_LAYOUT = 2
+"""Bumped when the cached arrays change: 2 adds the training scaler (``scaler_mean``,
+``scaler_scale``) that :meth:`InstanceData.raw` needs for the federated scaler."""
+
 
 @dataclass(frozen=True)
 class Recipe:
@@ -42,6 +46,7 @@ class Recipe:
     train_end: str
     val_end: str
     data_policy: str
+    target: str = "return"
 
     @classmethod
     def of(cls, settings: Settings) -> Recipe:
@@ -52,6 +57,7 @@ class Recipe:
             settings.train_end,
             settings.val_end,
             settings.data_policy,
+            settings.target,
         )
 
     def key(self, source: DataSource) -> str:
@@ -62,11 +68,13 @@ class Recipe:
                 source_digest(source.path),
                 asset,
                 FEATURE_VERSION,
+                CACHE_LAYOUT,
                 self.horizon,
                 self.max_gap,
                 self.train_end,
                 self.val_end,
                 self.data_policy,
+                self.target,
             ]
         )
         return hashlib.sha256(text.encode()).hexdigest()[:24]
@@ -78,7 +86,8 @@ class InstanceData:
 
     instance_id: str
     arrays: dict[str, np.ndarray]
-    """``X_train, y_train, t_train`` (bar times, int64 ns) and the same for val and test."""
+    """``X_train, y_train, t_train`` (bar times, int64 ns) and the same for val and test;
+    ``scaler_mean, scaler_scale``: what the X arrays were normalised with."""
     report: dict
 
     def X(self, split: str) -> np.ndarray:
@@ -90,11 +99,37 @@ class InstanceData:
     def rows(self, split: str) -> int:
         return len(self.arrays[f"y_{split}"])
 
+    def raw(self, split: str) -> np.ndarray:
+        """Unscaled features (float64), for the federated scaler's statistics.
+
+        Ready arrays from the Python API (:func:`load_arrays`) carry no scaler: their features
+        are taken as given.
+        """
+        if "scaler_mean" not in self.arrays:
+            return self.X(split).astype(np.float64)
+        return Scaler(self.arrays["scaler_mean"], self.arrays["scaler_scale"]).inverse(
+            self.X(split)
+        )
+
+    def rescaled(self, scaler: Scaler) -> InstanceData:
+        """The same rows normalised by ``scaler`` (the federated pooled one) instead."""
+        if len(scaler.mean) != self.X("train").shape[1]:
+            raise ValueError(
+                f"{self.instance_id}: scaler has {len(scaler.mean)} features, the data "
+                f"{self.X('train').shape[1]}"
+            )
+        arrays = dict(self.arrays)
+        for split in SPLITS:
+            if f"X_{split}" in arrays:
+                arrays[f"X_{split}"] = scaler.transform(self.raw(split))
+        arrays.update(scaler_mean=scaler.mean, scaler_scale=scaler.scale)
+        return InstanceData(self.instance_id, arrays, {**self.report, "scaler": "federated"})
+
 
 def build(source: DataSource, recipe: Recipe) -> InstanceData:
     """Load, featurise, split on the shared calendar, and scale on training rows alone."""
     bars = load_ohlcv(source.path, policy=recipe.data_policy)
-    X, y = make_features(bars, recipe.horizon, max_gap=recipe.max_gap)
+    X, y = make_features(bars, recipe.horizon, max_gap=recipe.max_gap, target=recipe.target)
     calendar = Calendar.from_strings(recipe.train_end, recipe.val_end, embargo=recipe.horizon)
     positions = calendar.split(X.index)
     if len(positions["train"]) == 0:
@@ -111,6 +146,7 @@ def build(source: DataSource, recipe: Recipe) -> InstanceData:
         arrays[f"X_{split}"] = scaler.transform(values[pos])
         arrays[f"y_{split}"] = y.to_numpy(np.float32)[pos]
         arrays[f"t_{split}"] = stamps[pos]
+    arrays.update(scaler_mean=scaler.mean, scaler_scale=scaler.scale)
     report = {
         "instance_id": source.instance_id,
         "venue": source.venue,

@@ -1,8 +1,9 @@
 """The 50 market features, the target, the shared calendar splits and the scaler.
 
 Every feature at bar t uses bars at or before t only, computed in trading time: windows
-run over the bars that exist, and missing bars are never filled in. The target is the log
-return from the close of t to the close of t + horizon; a row whose target spans a gap longer
+run over the bars that exist, and missing bars are never filled in. The target
+(:mod:`sigmax_fl.targets`) is the log return, or the log realised volatility, over the bars
+t + 1 .. t + horizon; a row whose target spans a gap longer
 than ``max_gap`` is dropped (an exchange outage would otherwise look like a huge one-bar move),
 and the count is reported.
 """
@@ -16,6 +17,7 @@ import pandas as pd
 
 from sigmax_fl.data import DataError
 from sigmax_fl.settings import parse_duration
+from sigmax_fl.targets import make_target
 
 FEATURE_VERSION = 2
 """Bumped whenever a feature's definition changes, so instance caches are rebuilt.
@@ -177,12 +179,6 @@ def compute_features(bars: pd.DataFrame) -> pd.DataFrame:
     return frame.replace([np.inf, -np.inf], np.nan)
 
 
-def target(bars: pd.DataFrame, horizon: int = 1) -> pd.Series:
-    """Log return from the close of t to the close of t + horizon (NaN for the last bars)."""
-    log_c = np.log(bars["close"].astype("float64"))
-    return (log_c.shift(-horizon) - log_c).rename(f"log_return_{horizon}")
-
-
 def target_spans_gap(index: pd.DatetimeIndex, horizon: int, max_gap: pd.Timedelta) -> np.ndarray:
     """True where the bars t..t+horizon contain a step longer than ``max_gap``."""
     steps = pd.Series(index).diff().shift(-1)  # step from bar i to bar i+1
@@ -194,7 +190,11 @@ def target_spans_gap(index: pd.DatetimeIndex, horizon: int, max_gap: pd.Timedelt
 
 
 def make_features(
-    bars: pd.DataFrame, horizon: int = 1, *, max_gap: str | pd.Timedelta = "3d"
+    bars: pd.DataFrame,
+    horizon: int = 1,
+    *,
+    max_gap: str | pd.Timedelta = "3d",
+    target: str = "return",
 ) -> tuple[pd.DataFrame, pd.Series]:
     """Features and target for every usable bar of one instance.
 
@@ -207,14 +207,17 @@ def make_features(
     max_gap : str or Timedelta
         Longest step between bars a target may span (``"3d"`` lets an FX weekend pass and
         drops a row whose next close comes after an exchange outage).
+    target : str
+        ``"return"`` or ``"volatility"`` (:mod:`sigmax_fl.targets`); the features are the same.
 
     Returns
     -------
     X : pandas.DataFrame
         float32, shape (n, 50), columns :data:`FEATURE_NAMES`, indexed by bar time.
-        ``X.attrs["dropped"]`` counts rows lost to warm-up and to long gaps.
+        ``X.attrs["dropped"]`` counts rows lost to warm-up, to long gaps and to an undefined
+        target (a volatility window of flat bars).
     y : pandas.Series
-        float64 log return over the next ``horizon`` bars, same index.
+        float64 target over the next ``horizon`` bars, same index.
     """
     source = bars.attrs.get("source", "bars")
     if horizon < 1:
@@ -229,16 +232,18 @@ def make_features(
         )
     gap = max_gap if isinstance(max_gap, pd.Timedelta) else parse_duration(max_gap)
     features = compute_features(bars)
-    y = target(bars, horizon)
+    y = make_target(bars, target, horizon)
     warm = features.isna().any(axis=1).to_numpy()
     no_target = y.isna().to_numpy()
+    tail = np.arange(len(bars)) >= len(bars) - horizon
     gapped = target_spans_gap(bars.index, horizon, gap) & ~no_target
     keep = ~(warm | no_target | gapped)
     X = features.loc[keep].astype("float32")
     X.attrs["dropped"] = {
-        "warm_up_or_undefined": int((warm & ~no_target).sum()),
-        "no_future_bar": int(no_target.sum()),
+        "warm_up_or_undefined": int((warm & ~tail).sum()),
+        "no_future_bar": int(tail.sum()),
         "target_spans_gap": int((gapped & ~warm).sum()),
+        "target_undefined": int((no_target & ~tail & ~warm).sum()),
     }
     return X, y.loc[keep]
 
@@ -282,7 +287,11 @@ class Calendar:
 
 @dataclass(frozen=True)
 class Scaler:
-    """Per-feature mean and scale fitted on one instance's training rows; it never leaves it."""
+    """Per-feature mean and scale of training rows.
+
+    One instance's own (it never leaves it), or the pooled one of ``scaler = "federated"``
+    (:mod:`sigmax_fl.scaling`).
+    """
 
     mean: np.ndarray
     scale: np.ndarray
@@ -291,12 +300,18 @@ class Scaler:
     def fit(cls, X: np.ndarray) -> Scaler:
         if len(X) == 0:
             raise ValueError("cannot fit a scaler on zero training rows")
-        mean = X.mean(axis=0, dtype=np.float64)
-        std = X.std(axis=0, dtype=np.float64)
+        return cls.of(X.mean(axis=0, dtype=np.float64), X.std(axis=0, dtype=np.float64))
+
+    @classmethod
+    def of(cls, mean: np.ndarray, std: np.ndarray) -> Scaler:
+        """From a mean and standard deviation, the local fit's or the federated pooled one."""
         # A constant column (time of day on daily bars) carries no information: scale 1 maps
         # it to exactly 0 instead of 0/0.
-        scale = np.where(std > 1e-12, std, 1.0)
-        return cls(mean, scale)
+        return cls(mean, np.where(std > 1e-12, std, 1.0))
 
     def transform(self, X: np.ndarray) -> np.ndarray:
         return ((X - self.mean) / self.scale).astype(np.float32)
+
+    def inverse(self, X: np.ndarray) -> np.ndarray:
+        """Back to raw feature values, in float64 (exact up to the float32 rounding of ``X``)."""
+        return np.asarray(X, dtype=np.float64) * self.scale + self.mean

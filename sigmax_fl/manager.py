@@ -120,7 +120,8 @@ class FederatedHistory:
     run_dir : Path
         The run folder (history, audit log, checkpoints, final model).
     final_model : Path
-        State dict of the final global model (``model.load_state_dict(torch.load(...))``).
+        State dict of the final global model (``model.load_state_dict(torch.load(...))``); the
+        shared body only (``final_body.pt``) when ``personalisation = "local-head"``.
     rounds : tuple[dict[str, Any], ...]
         One record per round (``history.json``): ``train`` and ``evaluate`` metrics,
         per-instance verdicts, bytes sent, seconds.

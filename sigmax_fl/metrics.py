@@ -1,7 +1,8 @@
 """Forecast and trading metrics, numpy only, so the federation and ``compare`` agree.
 
 Conventions: ``pred`` is the forecast of the log return over the next ``horizon`` bars made at
-the close of t; ``realised`` is what happened. Undefined statistics (a constant forecast has no
+the close of t (for :func:`qlike` and :func:`vol_correlation`, of the log realised volatility);
+``realised`` is what happened. Undefined statistics (a constant forecast has no
 correlation) are NaN, never 0, so nobody mistakes "undefined" for "no skill".
 
 NaN-safety: a bar where either ``pred`` or ``realised`` is NaN is a missing bar (an instance
@@ -89,6 +90,31 @@ def rank_ic(pred: np.ndarray, realised: np.ndarray) -> float:
     """Spearman correlation: IC that one outlier bar cannot dominate."""
     pred, realised = _pairs(pred, realised)
     return _pearson(_ranks(pred), _ranks(realised))
+
+
+def qlike(pred: np.ndarray, realised: np.ndarray) -> float:
+    """Mean QLIKE loss of log-volatility forecasts, on variances: RV/PV - ln(RV/PV) - 1.
+
+    ``pred`` and ``realised`` are log volatilities, so the predicted variance is exp(2 pred)
+    and RV/PV = exp(2 (realised - pred)). QLIKE is 0 for a perfect forecast and, unlike MSE
+    on variances, ranks forecasts correctly against a noisy realised variance (Patton 2011);
+    it punishes under-forecasting risk far more than over-forecasting it.
+    """
+    pred, realised = _pairs(pred, realised)
+    if len(pred) == 0:
+        return float("nan")
+    d = 2.0 * (realised - pred)
+    return float(np.mean(np.exp(d) - d - 1.0))
+
+
+def vol_correlation(pred: np.ndarray, realised: np.ndarray) -> float:
+    """Pearson correlation of predicted and realised volatility (not log), from log forecasts.
+
+    The question a risk desk asks: do the forecasts rise and fall with the volatility that
+    followed? It ignores the level, which MSE and QLIKE judge.
+    """
+    pred, realised = _pairs(pred, realised)
+    return _pearson(np.exp(pred), np.exp(realised))
 
 
 def periods_per_year(bar_interval: dt.timedelta | np.timedelta64) -> float:

@@ -1,12 +1,14 @@
 """The shared trading model and the name -> architecture registry.
 
 The run config names the architecture (``model = "trading-mlp"``), so another one can be
-added with :func:`register` without touching the ServerApp or the ClientApp.
+added with :func:`register` without touching the ServerApp or the ClientApp. An architecture
+may name its output *head*: with ``personalisation = "local-head"`` only the rest (the body) is
+federated and each instance keeps its own head (:mod:`sigmax_fl.personal`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -34,13 +36,52 @@ class TradingModel(nn.Module):
 
 
 MODELS: dict[str, Callable[[], nn.Module]] = {"trading-mlp": TradingModel}
+HEADS: dict[str, tuple[str, ...]] = {"trading-mlp": ("net.4",)}
+"""Model name -> the submodules that form its output head (TradingModel: the 64 -> 1 layer)."""
 
 
-def register(name: str, factory: Callable[[], nn.Module]) -> None:
-    """Make an architecture selectable by ``model = "<name>"`` in the run config."""
+def register(
+    name: str, factory: Callable[[], nn.Module], head: Sequence[str] | None = None
+) -> None:
+    """Make an architecture selectable by ``model = "<name>"`` in the run config.
+
+    ``head`` names the submodules (as in ``named_modules``) an instance keeps to itself under
+    ``personalisation = "local-head"``; without it that option is refused for this model.
+    """
     if name in MODELS:
         raise ValueError(f"model '{name}' is already registered")
+    if head is not None:
+        model = factory()
+        keys = _keys_under(model, tuple(head))
+        if not keys or len(keys) == len(model.state_dict()):
+            raise ValueError(
+                f"model '{name}': head {list(head)} must name some but not all of its parameters"
+            )
+        HEADS[name] = tuple(head)
     MODELS[name] = factory
+
+
+def _keys_under(model: nn.Module, modules: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(
+        k for k in model.state_dict() if any(k == m or k.startswith(m + ".") for m in modules)
+    )
+
+
+def head_keys(name: str) -> tuple[str, ...]:
+    """The state-dict keys of model ``name``'s head: what never leaves an instance.
+
+    Raises
+    ------
+    ValueError
+        If ``name`` is unknown or was registered without a head.
+    """
+    if name not in HEADS:
+        raise ValueError(
+            f"model '{name}' names no output head, so personalisation = 'local-head' cannot "
+            f"split it: register it with register(name, factory, head=[...]) "
+            f"(models with a head: {sorted(HEADS)})"
+        )
+    return _keys_under(build_model(name), HEADS[name])
 
 
 def build_model(name: str, seed: int | None = None) -> nn.Module:

@@ -18,14 +18,16 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 HISTORY_FILES = ("history.jsonl", "history.json")
-ROUND_COLUMNS = (
-    ("train", "train_loss", "train loss"),
-    ("evaluate", "val_loss", "val loss"),
-    ("evaluate", "hit_rate", "hit rate"),
-    ("evaluate", "ic", "IC"),
-    ("evaluate", "rank_ic", "rank IC"),
-)
-"""(phase, metric key, column title) of the aggregated per-round metrics in the table."""
+QUALITY = {
+    "return": (
+        ("evaluate", "ic", "IC"),
+        ("evaluate", "rank_ic", "rank IC"),
+        ("evaluate", "hit_rate", "hit rate"),
+    ),
+    "volatility": (("evaluate", "qlike", "QLIKE"), ("evaluate", "vol_corr", "vol corr")),
+}
+"""(phase, metric key, title) of the validation forecast quality each target reports."""
+LOSSES = (("train", "train_loss", "train loss"), ("evaluate", "val_loss", "val loss"))
 REASON_CHARS = 160
 """A rejected reply's reason is cut to this length in report.md (tracebacks run long)."""
 
@@ -105,15 +107,17 @@ def plot_losses(history: list[Record], path: Path) -> None:
     )
 
 
+def target_of(history: list[Record]) -> str:
+    """``volatility`` if the instances reported QLIKE (a risk model's run), else ``return``."""
+    evaluated = (r.get("evaluate", {}) for r in history)
+    return "volatility" if any("qlike" in e for e in evaluated) else "return"
+
+
 def plot_ic(history: list[Record], path: Path) -> None:
-    """Validation IC, rank IC and hit rate per round, aggregated and per instance."""
+    """Validation forecast quality per round (IC, rank IC, hit rate; or QLIKE, vol corr)."""
     _plot_panels(
         history,
-        [
-            ("evaluate", "ic", "IC"),
-            ("evaluate", "rank_ic", "rank IC"),
-            ("evaluate", "hit_rate", "hit rate"),
-        ],
+        list(QUALITY[target_of(history)]),
         path,
         "Validation forecast quality per round (black: example-weighted over instances)",
     )
@@ -178,7 +182,8 @@ def render_report(
 ) -> str:
     """report.md: headline, one row per round, per-instance last round, rejections, plots."""
     byte_series = _bytes(history)
-    header = ["round", "seconds", "skipped", *(c[2] for c in ROUND_COLUMNS)]
+    columns = (*LOSSES, *QUALITY[target_of(history)])
+    header = ["round", "seconds", "skipped", *(c[2] for c in columns)]
     header += ["replies ok", "rejected", *(f"MB {name}" for name in byte_series)]
     lines = [
         f"# Run report: {run_dir.name}",
@@ -195,25 +200,27 @@ def render_report(
     ]
     for i, r in enumerate(history):
         cells = [str(r["round"]), _fmt(r.get("seconds")), "yes" if r.get("skipped") else ""]
-        cells += [_fmt(r.get(phase, {}).get(key)) for phase, key, _ in ROUND_COLUMNS]
+        cells += [_fmt(r.get(phase, {}).get(key)) for phase, key, _ in columns]
         train = r.get("train", {})
         cells += [_fmt(train.get("replies-ok")), _fmt(train.get("replies-rejected"))]
         cells += [_fmt(values[i] / 1e6) for values in byte_series.values()]
         lines.append("| " + " | ".join(cells) + " |")
 
-    last = history[-1]
+    last, quality = history[-1], QUALITY[target_of(history)]
     lines += [
         "",
         f"## Per instance, round {last['round']}",
         "",
-        "| instance | accepted | train loss | val loss | hit rate | IC | rank IC |",
-        "|---|---|---|---|---|---|---|",
+        "| instance | accepted | train loss | val loss | "
+        + " | ".join(title for _, _, title in quality)
+        + " |",
+        "|---" * (4 + len(quality)) + "|",
     ]
     for instance, entry in last.get("instances", {}).items():
         train, evaluate = entry.get("train", {}), entry.get("evaluate", {})
         accepted = {True: "yes", False: "no"}.get(train.get("accepted"), "n/a")
         cells = [accepted, _fmt(train.get("train_loss"))]
-        cells += [_fmt(evaluate.get(k)) for k in ("val_loss", "hit_rate", "ic", "rank_ic")]
+        cells += [_fmt(evaluate.get(k)) for k in ("val_loss", *(key for _, key, _ in quality))]
         lines.append(f"| {instance} | " + " | ".join(cells) + " |")
 
     rejected = [

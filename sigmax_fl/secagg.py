@@ -73,7 +73,7 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD
 from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.serverapp import Grid
 
-from sigmax_fl import runs
+from sigmax_fl import exchange, runs
 from sigmax_fl.model import build_model
 from sigmax_fl.strategy import (
     EPSILON_KEY,
@@ -565,7 +565,8 @@ class _Rounds:
                 for n, a in zip(self.names, self.strategy.current, strict=True)
             }
         )
-        replies = grid.send_and_receive(
+        replies = exchange.send_and_receive(
+            grid,
             self.evaluator.configure_evaluate(server_round, arrays, ConfigRecord(), grid),
             timeout=s.round_timeout,
         )

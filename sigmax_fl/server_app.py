@@ -20,7 +20,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
-from sigmax_fl import runs, secagg
+from sigmax_fl import exchange, personal, runs, scaling, secagg
 from sigmax_fl.model import build_model
 from sigmax_fl.privacy import CentralAccountant, central_noise_std
 from sigmax_fl.settings import STOPPING_METRICS, Settings
@@ -53,6 +53,9 @@ class ServerState:
     rng: dict[str, Any] = field(default_factory=dict)
     privacy: dict[str, Any] = field(default_factory=dict)
     """The central-DP accountant's state: a resumed run keeps spending the same budget."""
+    scaler: dict[str, Any] = field(default_factory=dict)
+    """``scaler = "federated"``: the pooled mean and scale every instance normalises with
+    (:func:`sigmax_fl.scaling.collect`); a resumed run sends the same ones."""
     history: tuple[dict[str, Any], ...] = ()
 
     def to_checkpoint(self, run_config: dict[str, Any]) -> dict[str, Any]:
@@ -68,6 +71,7 @@ class ServerState:
             "stale_rounds": self.stale_rounds,
             "rng": json.dumps(self.rng),
             "privacy": json.dumps(self.privacy),
+            "scaler": json.dumps(self.scaler),
             "history": json.dumps(list(self.history), default=str),
             "run_config": json.dumps(run_config),
         }
@@ -86,6 +90,7 @@ class ServerState:
             stale_rounds=int(payload["stale_rounds"]),
             rng=json.loads(payload["rng"]),
             privacy=json.loads(payload["privacy"]),
+            scaler=json.loads(payload.get("scaler", "{}")),  # none before the federated scaler
             history=tuple(json.loads(payload["history"])),
         )
 
@@ -151,8 +156,11 @@ def run_round(
     sent = _record(state.arrays)
 
     # Train: send the global model, screen and average the replies
-    train_replies = grid.send_and_receive(
-        strategy.configure_train(server_round, sent, ConfigRecord(), grid),
+    train_replies = exchange.send_and_receive(
+        grid,
+        strategy.configure_train(
+            server_round, sent, ConfigRecord(scaling.to_config(state.scaler)), grid
+        ),
         timeout=settings.round_timeout,
     )
     new_arrays, train_metrics = strategy.aggregate_train(server_round, train_replies)
@@ -160,9 +168,14 @@ def run_round(
     if accountant is not None and new_arrays is not None:
         accountant.step(settings.dp_noise_multiplier, sampling_rate=1.0)
 
+    trained = time.monotonic()
+
     # Evaluate: every sampled instance scores the new global model on its validation rows
-    evaluate_replies = grid.send_and_receive(
-        strategy.configure_evaluate(server_round, _record(arrays), ConfigRecord(), grid),
+    evaluate_replies = exchange.send_and_receive(
+        grid,
+        strategy.configure_evaluate(
+            server_round, _record(arrays), ConfigRecord(scaling.to_config(state.scaler)), grid
+        ),
         timeout=settings.round_timeout,
     )
     evaluate_metrics = dict(strategy.aggregate_evaluate(server_round, evaluate_replies) or {})
@@ -175,6 +188,10 @@ def run_round(
     record = {
         "round": server_round,
         "seconds": round(time.monotonic() - started, 3),
+        "phase_seconds": {
+            "train": round(trained - started, 3),
+            "evaluate": round(time.monotonic() - trained, 3),
+        },
         "skipped": new_arrays is None,
         "bytes_sent": strategy.last_sent_bytes,
         "train": dict(train_metrics or {}),
@@ -197,7 +214,16 @@ def run_round(
     )
 
 
-def _progress(record: dict[str, Any], total: int, elapsed: float, done_here: int) -> str:
+PROGRESS_METRICS = {
+    "return": ("val_loss", "hit_rate", "ic"),
+    "volatility": ("val_loss", "qlike", "vol_corr"),
+}
+"""The validation metrics the progress line shows, by target."""
+
+
+def _progress(
+    record: dict[str, Any], total: int, elapsed: float, done_here: int, target: str
+) -> str:
     train, evaluate = record["train"], record["evaluate"]
     eta = elapsed / max(done_here, 1) * (total - record["round"])
 
@@ -208,9 +234,9 @@ def _progress(record: dict[str, Any], total: int, elapsed: float, done_here: int
     epsilon = f" epsilon={fmt(privacy['epsilon'])}" if privacy else ""
     return (
         f"round {record['round']}/{total} elapsed {elapsed:.1f}s ETA {eta:.0f}s: "
-        f"train_loss={fmt(train.get('train_loss'))} val_loss={fmt(evaluate.get('val_loss'))} "
-        f"hit_rate={fmt(evaluate.get('hit_rate'))} ic={fmt(evaluate.get('ic'))} "
-        f"replies ok={train.get('replies-ok', 0)} rejected={train.get('replies-rejected', 0)}"
+        f"train_loss={fmt(train.get('train_loss'))} "
+        + "".join(f"{name}={fmt(evaluate.get(name))} " for name in PROGRESS_METRICS[target])
+        + f"replies ok={train.get('replies-ok', 0)} rejected={train.get('replies-rejected', 0)}"
         + epsilon
         + (" SKIPPED (global model kept)" if record["skipped"] else "")
     )
@@ -272,7 +298,9 @@ def _start(settings: Settings, context: Context) -> tuple[Path, ServerState]:
                 f"run-config 'initial-model' = {settings.initial_model!r}: not a state dict "
                 f"of model '{settings.model}': {err}"
             ) from None
-    arrays = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+    # Under local-head the heads stay on the instances: the global model is the body alone.
+    shared = personal.shared_keys(settings)
+    arrays = {k: v.detach().numpy().copy() for k, v in model.state_dict().items() if k in shared}
     return run_dir, ServerState(round=0, arrays=arrays)
 
 
@@ -293,6 +321,17 @@ def main(grid: Grid, context: Context) -> None:
     accountant = CentralAccountant() if settings.dp == "central" else None
     if accountant is not None and state.privacy:
         accountant.load_state_dict(state.privacy)
+    if settings.scaler == "federated" and not state.scaler:
+        # Round 0: pooled feature statistics, once per run (a resumed run keeps its own)
+        scaler = scaling.collect(
+            grid,
+            min_available_nodes=settings.min_available_nodes,
+            min_replies=settings.min_train_replies,
+            wait_for_nodes_timeout=settings.wait_for_nodes_timeout,
+            timeout=settings.round_timeout,
+        )
+        state = replace(state, scaler=scaler)
+        runs.write_json(run_dir / "scaler.json", scaler)
 
     started, first_round = time.monotonic(), state.round
     stopped_early = stopped_for_budget = False
@@ -326,6 +365,7 @@ def main(grid: Grid, context: Context) -> None:
                 settings.num_server_rounds,
                 time.monotonic() - started,
                 state.round - first_round,
+                settings.target,
             ),
         )
         if (
@@ -347,7 +387,11 @@ def main(grid: Grid, context: Context) -> None:
         else state.arrays
     )
     runs.write_json(run_dir / runs.HISTORY_JSON, list(state.history))
-    path = runs.save_model(run_dir, {k: torch.from_numpy(np.array(v)) for k, v in final.items()})
+    path = runs.save_model(
+        run_dir,
+        {k: torch.from_numpy(np.array(v)) for k, v in final.items()},
+        personal.final_artefact(settings),
+    )
     summary = {
         "rounds_run": state.round,
         "stopped_early": stopped_early,

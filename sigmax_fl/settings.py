@@ -15,10 +15,19 @@ from typing import Any
 import pandas as pd
 
 from sigmax_fl.strategy import Defences, WeightedFedAvg
+from sigmax_fl.targets import VALIDATION_METRICS
 
 OPTIMIZERS = ("adam", "sgd")
-STOPPING_METRICS = {"val_loss": "min", "ic": "max", "rank_ic": "max", "hit_rate": "max"}
-"""Aggregated validation metrics early stopping can watch, and which way is better."""
+STOPPING_METRICS = {
+    "val_loss": "min",
+    "ic": "max",
+    "rank_ic": "max",
+    "hit_rate": "max",
+    "qlike": "min",
+    "vol_corr": "max",
+}
+"""Aggregated validation metrics early stopping can watch, and which way is better; besides
+``val_loss``, the target's own (:data:`sigmax_fl.targets.VALIDATION_METRICS`)."""
 DATA_POLICIES = ("strict", "repair")
 DP_MODES = ("off", "central", "local")
 USE_CASES = ("multi-market", "multi-strategy", "risk")
@@ -193,14 +202,30 @@ class Settings:
         if self.dp_target_epsilon < 0:
             _bad("dp_target_epsilon", self.dp_target_epsilon, "an epsilon >= 0 (0: no target)")
         self._resolve_use_case()
+        self._check_personalisation()
+        if self.early_stopping_metric not in ("val_loss", *VALIDATION_METRICS[self.target]):
+            _bad(
+                "early_stopping_metric",
+                self.early_stopping_metric,
+                f"'val_loss' or one of {list(VALIDATION_METRICS[self.target])} with target = "
+                f"'{self.target}' (instances do not report the others)",
+            )
         if self.scaler not in SCALERS:
             _bad("scaler", self.scaler, f"one of {list(SCALERS)}")
         if self.update_encoding not in UPDATE_ENCODINGS:
             _bad("update_encoding", self.update_encoding, f"one of {list(UPDATE_ENCODINGS)}")
+        if self.update_encoding != "float32" and self.secure_aggregation:
+            # SecAgg+ quantises the update itself before masking; the server never sees it.
+            _bad(
+                "update_encoding",
+                self.update_encoding,
+                "'float32' with secure-aggregation = true (SecAgg+ quantises updates itself)",
+            )
         for name in ("fine_tune_epochs", "grad_accumulation_steps"):
             if getattr(self, name) < 1:
                 _bad(name, getattr(self, name), "an integer >= 1")
         self.instance_learning_rate_map()
+        self._check_training_options()
         # Imported here: secagg imports the model, whose features module imports this one.
         from sigmax_fl.secagg import settings_problems
 
@@ -226,6 +251,62 @@ class Settings:
             allowed = _USE_CASE_ALLOWS[self.use_case][name]
             if getattr(self, name) not in allowed:
                 _bad(name, value, f"one of {list(allowed)} with use-case = '{self.use_case}'")
+
+    def _check_training_options(self) -> None:
+        """Options that could not take effect together are errors, not silent no-ops.
+
+        DP-SGD (``dp = "local"``) clips and noises per-row gradients in its own float32 loop,
+        which neither accumulates micro-batches nor autocasts; with secure aggregation the
+        server would see each instance's feature sums in the clear, which the masking of the
+        model updates does not cover.
+        """
+        if self.dp == "local":
+            if self.mixed_precision:
+                _bad("mixed_precision", True, "false with dp = 'local' (DP-SGD runs in float32)")
+            if self.grad_accumulation_steps > 1:
+                _bad(
+                    "grad_accumulation_steps",
+                    self.grad_accumulation_steps,
+                    "1 with dp = 'local' (DP-SGD samples its own batches; lower batch-size "
+                    "instead)",
+                )
+        if self.scaler == "federated" and self.secure_aggregation:
+            _bad(
+                "scaler",
+                self.scaler,
+                "'local' with secure-aggregation = true: the federated scaler's per-instance "
+                "feature sums are not masked, so the server would see them in the clear",
+            )
+
+    def _check_personalisation(self) -> None:
+        """Refuse a personalisation that cannot take effect with the other options.
+
+        local-head needs a model that names its head, and cannot run under SecAgg+, which masks
+        the whole model's update (:mod:`sigmax_fl.secagg` has no body/head split). fine-tune
+        under local DP would send validation metrics of a model trained on the raw training
+        rows outside the DP-SGD accounting.
+        """
+        if self.personalisation == "local-head":
+            from sigmax_fl.model import head_keys  # model -> features -> this module
+
+            try:
+                head_keys(self.model)
+            except ValueError as err:
+                raise ConfigError(f"run-config 'model' = {self.model!r}: {err}") from None
+            if self.secure_aggregation:
+                _bad(
+                    "secure_aggregation",
+                    self.secure_aggregation,
+                    "false with personalisation = 'local-head' (SecAgg+ masks the whole "
+                    "model's update; use personalisation = 'fine-tune' with it)",
+                )
+        if self.personalisation == "fine-tune" and self.dp == "local":
+            _bad(
+                "personalisation",
+                self.personalisation,
+                "'none' or 'local-head' with dp = 'local' (fine-tuning on the raw training "
+                "rows would be outside the DP-SGD accounting of the metrics sent)",
+            )
 
     def instance_learning_rate_map(self) -> dict[str, float]:
         """``instance-learning-rates`` parsed: instance id -> learning rate."""

@@ -3,8 +3,8 @@
 ``flwr run .`` alone leaves a detached SuperLink behind, installs the app's dependencies per run
 and exits 0 when the run failed. This runner starts its own simulation SuperLink (private
 ``FLWR_HOME``, a free port, its own database, dependency installation off), submits the app with
-one simulated SuperNode per data source, streams the log, requires ``finished:completed``, and
-stops everything it started, also on Ctrl-C.
+one simulated SuperNode per data source and one 1-CPU Ray actor per core, streams the log,
+requires ``finished:completed``, and stops everything it started, also on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -15,11 +15,16 @@ import tempfile
 import tomllib
 from pathlib import Path
 
-from sigmax_fl.data import parse_sources
-from sigmax_fl.deploy.flwr_cli import FlwrError, FlwrHome, start_superlink
+from sigmax_fl.data import DataError, parse_sources
+from sigmax_fl.deploy.flwr_cli import (
+    FlwrError,
+    FlwrHome,
+    simulation_federation_config,
+    start_superlink,
+)
 from sigmax_fl.deploy.processes import ProcessError, Supervisor
 from sigmax_fl.paths import project_root
-from sigmax_fl.settings import Settings
+from sigmax_fl.settings import ConfigError, Settings
 
 
 def _parse_overrides(text: str) -> dict[str, object]:
@@ -34,14 +39,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--num-supernodes", type=int, default=0, help="default: one per data source"
     )
+    parser.add_argument(
+        "--actors", type=int, default=0, help="ClientApp actors side by side (default: cores)"
+    )
     parser.add_argument("--app", type=Path, default=project_root(), help="the app folder")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds the run may take")
     args = parser.parse_args(argv)
+    if args.actors < 0:
+        parser.error(f"--actors must be 0 (one per core) or more, got {args.actors}")
 
     overrides = _parse_overrides(args.run_config)
     base = tomllib.loads((args.app / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
-    settings = Settings.from_run_config({**base, **overrides})
-    nodes = args.num_supernodes or len(parse_sources(settings.data_sources, settings.data_dir))
+    try:
+        settings = Settings.from_run_config({**base, **overrides})
+        sources = parse_sources(settings.data_sources, settings.data_dir)
+        unknown = set(settings.instance_learning_rate_map()) - {s.instance_id for s in sources}
+        if unknown:
+            raise ConfigError(
+                f"run-config 'instance-learning-rates' names {sorted(unknown)}, which are not "
+                f"instances of data-sources {sorted(s.instance_id for s in sources)}"
+            )
+    except (ConfigError, DataError) as err:
+        # Checked before any process starts: every instance would refuse every round.
+        print(f"sigmax-fl: {err}", file=sys.stderr)
+        return 2
+    nodes = args.num_supernodes or len(sources)
 
     with tempfile.TemporaryDirectory(prefix="sigmax-fl-sim-") as tmp:
         work = Path(tmp)
@@ -53,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
                     args.app,
                     "local-sim",
                     run_config=overrides,
-                    federation_config={"num-supernodes": nodes},
+                    federation_config=simulation_federation_config(nodes, args.actors or None),
                     timeout=args.timeout,
                 )
         except (FlwrError, ProcessError) as err:

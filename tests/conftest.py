@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from sigmax_fl import cli, compare
 from sigmax_fl.deploy.flwr_cli import FlwrHome, start_superlink
 from sigmax_fl.deploy.processes import Supervisor
+from sigmax_fl.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data"
@@ -43,3 +45,27 @@ def simulation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FlwrHome]:
         home.add_connection("sim", link.address)
         yield home
     assert supervisor.remaining() == [], "processes left behind"
+
+
+SMALL_COMPARE = ("--rounds", "2", "--local-epochs", "1", "--seeds", "2", "--bootstrap", "100")
+"""A `sigmax-fl compare` small enough for a test: the outputs' shape, not their values."""
+
+
+def run_compare(out: Path, *args: str) -> Path:
+    """Run ``sigmax-fl compare ARGS`` small and in one process into ``out``; require success."""
+    assert cli.main(["compare", *args, *SMALL_COMPARE, "--workers", "1", "--out", str(out)]) == 0
+    return out
+
+
+def small_training(rounds: int) -> compare.Training:
+    """compare's training at the default settings, one local epoch a round."""
+    s = Settings()
+    return compare.Training(
+        rounds=rounds,
+        local_epochs=1,
+        batch_size=s.batch_size,
+        learning_rates=(s.learning_rate,),
+        optimizer=s.optimizer,
+        model=s.model,
+        max_weight_share=s.max_weight_share,
+    )

@@ -10,26 +10,15 @@ import numpy as np
 import pytest
 import torch
 
-from sigmax_fl import cli, compare
+from sigmax_fl import compare
 from sigmax_fl.data import parse_sources
 from sigmax_fl.dataset import Recipe
 from sigmax_fl.settings import Settings
 from sigmax_fl.strategy import weighted_average
 
+from .conftest import run_compare, small_training
+
 INSTANCES = "coinbase-btc-usd-1d,bitstamp-eth-usd-1d"
-
-
-def _training(rounds: int) -> compare.Training:
-    s = Settings()
-    return compare.Training(
-        rounds=rounds,
-        local_epochs=1,
-        batch_size=s.batch_size,
-        learning_rates=(s.learning_rate,),
-        optimizer=s.optimizer,
-        model=s.model,
-        max_weight_share=s.max_weight_share,
-    )
 
 
 @pytest.fixture(scope="module")
@@ -42,27 +31,7 @@ def markets() -> list[compare.Market]:
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("compare")
-    code = cli.main(
-        [
-            "compare",
-            "--data-sources",
-            INSTANCES,
-            "--rounds",
-            "2",
-            "--local-epochs",
-            "1",
-            "--seeds",
-            "2",
-            "--bootstrap",
-            "100",
-            "--workers",
-            "1",
-            "--out",
-            str(out),
-        ]
-    )
-    assert code == 0
-    return out
+    return run_compare(out, "--data-sources", INSTANCES)
 
 
 def test_writes_json_markdown_and_plots_with_every_model_and_baseline(run: Path) -> None:
@@ -86,7 +55,7 @@ def test_writes_json_markdown_and_plots_with_every_model_and_baseline(run: Path)
 def test_federated_round_is_the_apps_weighted_average_of_the_local_rounds(markets) -> None:
     # With one round, local-only models are exactly each instance's round of training from
     # the shared initial weights, so FedAvg must be their weighted average.
-    fits = compare.fit_seed(markets, _training(rounds=1), seed=3)
+    fits = compare.fit_seed(markets, small_training(rounds=1), seed=3)
     local = [
         {k: v.numpy() for k, v in fits["local"].states[m.instance_id].items()} for m in markets
     ]
@@ -123,8 +92,8 @@ def test_selection_never_sees_the_test_split_and_each_model_predicts_it_once(
     )
 
     # Execute
-    original = compare.fit_seed(markets, _training(rounds=3), seed=1)
-    changed = compare.fit_seed(scrambled, _training(rounds=3), seed=1)
+    original = compare.fit_seed(markets, small_training(rounds=3), seed=1)
+    changed = compare.fit_seed(scrambled, small_training(rounds=3), seed=1)
 
     # Assert: same rounds, curves and weights; one test prediction per model and instance
     for kind in compare.KINDS:
@@ -138,8 +107,8 @@ def test_selection_never_sees_the_test_split_and_each_model_predicts_it_once(
 
 
 def test_the_learning_rate_is_chosen_among_candidates_on_validation(markets) -> None:
-    one = compare.fit_seed(markets[:1], _training(rounds=2), seed=0)
-    grid = replace(_training(rounds=2), learning_rates=(1e-2, 1e-3))
+    one = compare.fit_seed(markets[:1], small_training(rounds=2), seed=0)
+    grid = replace(small_training(rounds=2), learning_rates=(1e-2, 1e-3))
     two = compare.fit_seed(markets[:1], grid, seed=0)
     for kind in compare.KINDS:
         (chosen,) = two[kind].selections.values()
@@ -149,7 +118,7 @@ def test_the_learning_rate_is_chosen_among_candidates_on_validation(markets) -> 
 
 
 def test_the_pooled_scope_aligns_instances_on_their_union_of_bars(markets) -> None:
-    fits = [compare.fit_seed(markets, _training(rounds=1), seed=0)]
+    fits = [compare.fit_seed(markets, small_training(rounds=1), seed=0)]
     scopes = compare.build_scopes(markets, fits)
     pooled = scopes[-1]
     assert pooled.name == compare.POOLED_SCOPE

@@ -105,3 +105,20 @@ def test_a_folder_without_history_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=r"history\.jsonl or history\.json"):
         report.report(tmp_path)
     assert cli.main(["report", str(tmp_path / "missing")]) == 2
+
+
+def test_a_risk_models_report_shows_its_own_metrics(tmp_path: Path) -> None:
+    # A volatility run reports QLIKE and vol correlation, not hit rate or IC
+    history = _history()
+    for record in history:
+        record["evaluate"] = {"val_loss": 0.5, "qlike": 0.31, "vol_corr": 0.42}
+        for entry in record["instances"].values():
+            entry["evaluate"] = {"val_loss": 0.5, "qlike": 0.29, "vol_corr": 0.4}
+    (tmp_path / "history.json").write_text(json.dumps(history))
+
+    report.report(tmp_path)
+
+    markdown = (tmp_path / "report.md").read_text()
+    assert "QLIKE" in markdown and "vol corr" in markdown and "0.42" in markdown
+    assert "hit rate" not in markdown and "IC |" not in markdown
+    assert (tmp_path / "ic.png").read_bytes().startswith(PNG)

@@ -338,3 +338,55 @@ def test_pure_weighted_average_matches_formula() -> None:
     for k in SHAPES:
         expected = 0.25 * models[0][k].astype(np.float64) + 0.75 * models[1][k].astype(np.float64)
         np.testing.assert_allclose(out[k], expected, rtol=1e-12)
+
+
+def test_as_numpy_reads_the_reply_in_place() -> None:
+    array = Array(np.arange(1000, dtype=np.float32).reshape(10, 100))
+    view = as_numpy(array)
+    start = np.frombuffer(array.data, dtype=np.uint8).__array_interface__["data"][0]
+    assert not view.flags.owndata and not view.flags.writeable
+    assert view.__array_interface__["data"][0] == start + len(array.data) - view.nbytes
+    np.testing.assert_array_equal(view, array.numpy())
+
+
+def _big_round(replies: int, sizes: dict[str, tuple[int, ...]], bad: int | None = None) -> list:
+    rng = np.random.default_rng(11)
+    glob = {k: rng.normal(0, 0.1, s).astype(np.float32) for k, s in sizes.items()}
+    out = []
+    for node in range(replies):
+        values = {k: v + rng.normal(0, 0.01, v.shape).astype(np.float32) for k, v in glob.items()}
+        if node == bad:
+            values["w"][3, 3] = np.nan
+        out.append(reply(node, values, {"num-examples": int(rng.integers(100, 5000))}))
+    return [glob, out]
+
+
+def test_one_pass_average_equals_float64_reference() -> None:
+    # Prepare: several blocks of the one pass per array, ragged last block, 10 replies
+    glob, replies = _big_round(10, {"w": (300, 701), "b": (5,)})
+
+    # Execute
+    (result, _), strategy = aggregate(replies, record(glob))
+
+    # Assert: within float32 rounding of the float64 weighted mean; norms to 1e-5
+    shares = [s.weight for s in strategy.last_train]
+    models = [
+        {k: a.numpy().astype(np.float64) for k, a in m.content["arrays"].items()} for m in replies
+    ]
+    for name in glob:
+        expected = sum(w * m[name] for w, m in zip(shares, models, strict=True))
+        np.testing.assert_allclose(result[name].numpy(), expected, rtol=2**-23, atol=2e-9)
+    for s, m in zip(strategy.last_train, models, strict=True):
+        exact = np.sqrt(sum(((m[k] - glob[k]) ** 2).sum() for k in glob))
+        assert s.update_norm == pytest.approx(exact, rel=1e-5)
+
+
+def test_long_way_round_gives_the_same_model_bit_for_bit() -> None:
+    # A NaN reply makes the round take the exact path; the others must average as if it
+    # had never been sent (the attack test's bit-identity rests on this)
+    glob, replies = _big_round(6, {"w": (200, 400), "b": (7,)}, bad=2)
+    (with_bad, metrics), _ = aggregate(replies, record(glob))
+    (without, _), _ = aggregate(replies[:2] + replies[3:], record(glob))
+    assert metrics["replies-rejected"] == 1
+    for name in glob:
+        assert with_bad[name].data == without[name].data

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import codecs
 import io
+import json
 import logging
 import re
 import sys
@@ -88,10 +89,17 @@ class RunOutcome:
 
     @property
     def final_model(self) -> Path | None:
-        """The final global model's state dict, if the run folder holds one."""
+        """The final global artefact ``summary.json`` names, if it exists.
+
+        ``final_model.pt``, or ``final_body.pt`` when ``personalisation = "local-head"`` keeps
+        each head on its instance: the summary is the ServerApp's own word for which.
+        """
         if self.run_dir is None:
             return None
-        path = self.run_dir / "final_model.pt"
+        try:
+            path = Path(json.loads((self.run_dir / "summary.json").read_text())["final_model"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
         return path if path.is_file() else None
 
 

@@ -66,6 +66,43 @@ class FlwrError(RuntimeError):
     """A ``flwr`` CLI command failed or a run did not finish as required."""
 
 
+def simulation_federation_config(
+    num_supernodes: int, actors: int | None = None
+) -> dict[str, ConfigValue]:
+    """``--federation-config`` for a simulated federation: one 1-CPU Ray actor per core.
+
+    Flower 1.42 reads these keys per run (``flwr.simulation.app._run_simulation_settings``):
+    ``client-resources-num-cpus`` (whole CPUs per ClientApp actor) and ``init-args-num-cpus``
+    (CPUs Ray may use, ``ray.init(num_cpus=...)``), and Ray starts
+    ``init-args-num-cpus // client-resources-num-cpus`` actors. Flower's default of 2 CPUs per
+    client leaves a 2-core machine one serial actor whose 2 torch threads compete with the
+    simulation process; 1-CPU actors run the instances side by side, and the ClientApp uses
+    one torch thread each.
+
+    Parameters
+    ----------
+    num_supernodes : int
+        Simulated SuperNodes (instances).
+    actors : int | None
+        ClientApp actors running side by side; the machine's usable cores if None.
+
+    Returns
+    -------
+    dict[str, ConfigValue]
+        For :meth:`FlwrHome.flwr_run`'s ``federation_config``.
+    """
+    actors = actors or len(os.sched_getaffinity(0))
+    if num_supernodes < 1 or actors < 1:
+        raise ValueError(
+            f"num-supernodes ({num_supernodes}) and actors ({actors}) must be at least 1"
+        )
+    return {
+        "num-supernodes": num_supernodes,
+        "client-resources-num-cpus": 1,
+        "init-args-num-cpus": actors,
+    }
+
+
 def flower_executable(name: str) -> str:
     """Return the absolute path of a Flower console script.
 

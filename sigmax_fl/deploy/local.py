@@ -24,7 +24,7 @@ from pathlib import Path
 from sigmax_fl.data import DataError, DataSource, parse_sources
 from sigmax_fl.deploy.credentials import ensure_credentials
 from sigmax_fl.deploy.env import EnvError, app_config, parse_pairs
-from sigmax_fl.deploy.federation import RunLog, run_timeout
+from sigmax_fl.deploy.federation import RunLog, RunOutcome, run_timeout
 from sigmax_fl.deploy.flwr_cli import (
     SUPERNODE_CONNECTED,
     ConfigValue,
@@ -172,8 +172,8 @@ def _deploy(
         sink=run_log,
         timeout=run_timeout(app, run_config),
     )
-    final_model = run_log.run_dir / "final_model.pt" if run_log.run_dir else None
-    if final_model is None or not final_model.is_file():
+    final_model = RunOutcome(run_id, time.monotonic() - run_started, run_log.run_dir).final_model
+    if final_model is None:
         raise FlwrError(f"run {run_id} completed but its log names no final model")
     _say(
         started,

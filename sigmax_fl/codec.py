@@ -1,0 +1,256 @@
+"""Lighter train replies: an instance sends its update as a float16 or int8 delta.
+
+``update-encoding = "float32"`` sends the trained weights as they are. ``"float16"`` and
+``"int8"`` send the delta ``local - received global`` instead, which is small and centred on 0
+and so survives coarse number formats far better than the weights themselves:
+
+* float16: the delta cast to half precision (2 bytes per value);
+* int8: the delta in blocks of :data:`BLOCK` consecutive values of one tensor, each block
+  scaled to [-127, 127] by its own float32 scale ``max |delta| / 127`` (1 + 4 / 256 bytes per
+  value), so one large weight does not flatten the resolution of a whole tensor.
+
+Error feedback: what the encoding loses (the residual ``delta - decoded``) stays on the
+instance, in Flower's ``context.state``, and is added to its next delta. The error therefore
+does not accumulate over rounds: each round's sent updates sum to the true updates up to the
+one residual still held back, which is bounded by one round's quantisation step.
+
+The server decodes a reply back to full weights (``global + delta``, float32) before
+screening, so norm bounds, caps, robust rules and DP see ordinary models; a reply that does not
+decode (missing scales, wrong dtypes or shapes) is a :class:`MalformedUpdateError` and is rejected.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import math
+from collections.abc import Mapping
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, RecordDict
+
+ENCODINGS = ("float32", "float16", "int8")
+BLOCK = 256
+"""Values per int8 scale: 4 / 256 = 1.6 % overhead, and a scale per 1 KiB of float32 weights."""
+SCALE_SUFFIX = ":scale"
+"""An int8 tensor ``name`` travels as ``name`` (int8, the tensor's shape) and ``name:scale``."""
+ENCODING_KEY = "update-encoding"
+"""Key of the reply's meta ConfigRecord declaring the encoding; absent means float32 weights."""
+RESIDUAL_KEY = "update-residual"
+"""ArrayRecord in the instance's ``context.state``: the error feedback carried to next round."""
+_FLOAT16_MAX = float(np.finfo(np.float16).max)
+
+
+class MalformedUpdateError(ValueError):
+    """An encoded reply that cannot be decoded against the global model it answers."""
+
+
+def as_numpy(array: Array) -> np.ndarray:
+    """A read-only view of an Array's npy bytes, without the copy ``Array.numpy()`` makes.
+
+    The view points into ``array.data``: a server reads every reply's weights in place. The
+    common case (the header ``np.save`` writes for the Array's declared dtype and shape) is
+    recognised by comparing bytes with a cached header, not by parsing it, which costs more
+    than reading a million weights.
+    """
+    data = array.data
+    expected = _declared(array.dtype, tuple(array.shape))
+    if expected is not None:
+        header, dtype, shape, count = expected
+        if len(data) == len(header) + count * dtype.itemsize and data.startswith(header):
+            return np.frombuffer(data, dtype=dtype, count=count, offset=len(header)).reshape(shape)
+    stream = io.BytesIO(data)
+    version = np.lib.format.read_magic(stream)
+    read_header = (
+        np.lib.format.read_array_header_1_0
+        if version == (1, 0)
+        else np.lib.format.read_array_header_2_0
+    )
+    shape, fortran, dtype = read_header(stream)
+    if dtype.hasobject:
+        raise ValueError("object arrays are not model weights")
+    count = int(np.prod(shape, dtype=np.int64))
+    flat = np.frombuffer(data, dtype=dtype, count=count, offset=stream.tell())
+    return flat.reshape(shape, order="F" if fortran else "C")
+
+
+@functools.lru_cache(maxsize=1024)
+def _declared(
+    dtype_name: str, shape: tuple[int, ...]
+) -> tuple[bytes, np.dtype, tuple[int, ...], int] | None:
+    """Header, dtype, shape and size of an Array so declared; None for no plain numpy dtype."""
+    try:
+        dtype = np.dtype(dtype_name)
+        shape = tuple(int(n) for n in shape)
+    except (TypeError, ValueError):
+        return None
+    if dtype.hasobject:
+        return None
+    header = _npy_header(np.lib.format.dtype_to_descr(dtype), shape)
+    return header, dtype, shape, math.prod(shape)
+
+
+@functools.lru_cache(maxsize=1024)
+def _npy_header(descr: str, shape: tuple[int, ...]) -> bytes:
+    """The npy header (version 1.0) ``np.save`` writes for a C-ordered array."""
+    stream = io.BytesIO()
+    header = {"descr": descr, "fortran_order": False, "shape": shape}
+    np.lib.format.write_array_header_1_0(stream, header)
+    return stream.getvalue()
+
+
+def npy_array(values: np.ndarray, dtype: np.dtype | str | None = None) -> Array:
+    """``Array(values.astype(dtype))``, the same npy bytes, with one copy instead of several.
+
+    ``np.save`` into a BytesIO (what ``Array(ndarray)`` does) copies in chunks and grows its
+    buffer; here the bytes are the cached header and the values, joined once.
+    """
+    values = np.asarray(values)
+    values = values.astype(values.dtype if dtype is None else dtype, order="C", copy=False)
+    header = _npy_header(np.lib.format.dtype_to_descr(values.dtype), values.shape)
+    body = memoryview(values.reshape(-1)).cast("B") if values.size else b""
+    data = b"".join([header, body])
+    return Array(dtype=str(values.dtype), shape=values.shape, stype="numpy.ndarray", data=data)
+
+
+def _int8_blocks(delta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``delta`` (float32) as int8 values and one float32 scale per :data:`BLOCK` values."""
+    flat = delta.reshape(-1)
+    padded = np.zeros(-(-flat.size // BLOCK) * BLOCK, dtype=np.float32)
+    padded[: flat.size] = flat
+    blocks = padded.reshape(-1, BLOCK)
+    scale = (np.abs(blocks).max(axis=1) / 127.0).astype(np.float32)
+    safe = np.where(scale > 0, scale, np.float32(1.0))[:, None]
+    q = np.clip(np.rint(blocks / safe), -127, 127).astype(np.int8)
+    return q.reshape(-1)[: flat.size].reshape(delta.shape), scale
+
+
+def _int8_values(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """The float32 delta an int8 tensor and its scales stand for."""
+    flat = q.reshape(-1)
+    padded = np.zeros(scale.size * BLOCK, dtype=np.float32)
+    padded[: flat.size] = flat
+    return (padded.reshape(-1, BLOCK) * scale[:, None]).reshape(-1)[: flat.size].reshape(q.shape)
+
+
+def encode_update(
+    local: Mapping[str, np.ndarray],
+    received: Mapping[str, np.ndarray],
+    encoding: str,
+    residual: Mapping[str, np.ndarray] | None = None,
+) -> tuple[ArrayRecord, dict[str, np.ndarray]]:
+    """The reply's arrays for ``encoding`` and the residual to keep for the next round.
+
+    Parameters
+    ----------
+    local : Mapping[str, np.ndarray]
+        The instance's trained weights (float32), in the order the server sent them.
+    received : Mapping[str, np.ndarray]
+        The global model this round started from, with the same names and shapes.
+    encoding : str
+        One of :data:`ENCODINGS`; ``float32`` sends ``local`` unchanged and keeps no residual.
+    residual : Mapping[str, np.ndarray], optional
+        What the previous round's encoding lost; ignored unless its names and shapes match.
+
+    Returns
+    -------
+    tuple[ArrayRecord, dict[str, np.ndarray]]
+        The arrays to send, and ``delta + residual - decoded``, the new residual.
+    """
+    if encoding not in ENCODINGS:
+        raise ValueError(f"update encoding '{encoding}': expected one of {list(ENCODINGS)}")
+    if encoding == "float32":
+        return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in local.items()}), {}
+    usable = residual is not None and all(
+        k in residual and residual[k].shape == np.shape(v) for k, v in local.items()
+    )
+    arrays: dict[str, Array] = {}
+    left: dict[str, np.ndarray] = {}
+    for name, weights in local.items():
+        delta = np.asarray(weights, dtype=np.float32) - np.asarray(received[name], np.float32)
+        if usable:
+            delta = delta + residual[name]  # type: ignore[index]
+        if encoding == "float16":
+            half = np.clip(delta, -_FLOAT16_MAX, _FLOAT16_MAX).astype(np.float16)
+            arrays[name] = Array(half)
+            left[name] = delta - half.astype(np.float32)
+        else:
+            q, scale = _int8_blocks(delta)
+            arrays[name] = Array(q)
+            arrays[name + SCALE_SUFFIX] = Array(scale)
+            left[name] = delta - _int8_values(q, scale)
+    return ArrayRecord(arrays), left
+
+
+def decode_update(
+    record: ArrayRecord, reference: Mapping[str, np.ndarray], encoding: str
+) -> dict[str, np.ndarray]:
+    """Full float32 weights ``reference + delta`` from an encoded reply.
+
+    Raises
+    ------
+    MalformedUpdateError
+        Naming the first array that is missing, extra, of the wrong dtype or shape, not a
+        readable npy array, or (int8) whose scales are negative or not finite.
+    """
+    if encoding not in ENCODINGS[1:]:
+        raise MalformedUpdateError(
+            f"unknown update encoding {encoding!r}, expected one of {list(ENCODINGS[1:])}"
+        )
+    names = list(reference)
+    expected = (
+        names
+        if encoding == "float16"
+        else [k for name in names for k in (name, name + SCALE_SUFFIX)]
+    )
+    if list(record.keys()) != expected:
+        missing = sorted(set(expected) - set(record.keys()))
+        extra = sorted(set(record.keys()) - set(expected))
+        raise MalformedUpdateError(
+            f"{encoding} arrays differ from the global model's (missing {missing}, extra {extra})"
+        )
+    dtype = np.dtype(encoding)
+    out: dict[str, np.ndarray] = {}
+    for name, ref in reference.items():
+        values = _read(record, name, dtype, ref.shape)
+        if encoding == "float16":
+            delta = values.astype(np.float32)
+        else:
+            blocks = -(-ref.size // BLOCK)
+            scale = _read(record, name + SCALE_SUFFIX, np.dtype(np.float32), (blocks,))
+            if not (np.isfinite(scale).all() and (scale >= 0).all()):
+                raise MalformedUpdateError(
+                    f"array '{name}{SCALE_SUFFIX}' holds a negative, NaN or Inf scale"
+                )
+            delta = _int8_values(values, scale)
+        out[name] = np.add(ref, delta, dtype=np.float32).astype(ref.dtype, copy=False)
+    return out
+
+
+def _read(record: ArrayRecord, name: str, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+    """One array of an encoded reply, checked against the dtype and shape it must have."""
+    got = record[name]
+    if np.dtype(got.dtype) != dtype or tuple(got.shape) != tuple(shape):
+        raise MalformedUpdateError(
+            f"array '{name}' is {got.dtype}{list(got.shape)}, expected {dtype}{list(shape)}"
+        )
+    try:
+        view = as_numpy(got)
+    except ValueError as err:
+        raise MalformedUpdateError(f"array '{name}' is not a readable npy array ({err})") from None
+    if view.dtype != dtype or view.shape != tuple(shape):
+        raise MalformedUpdateError(
+            f"array '{name}': npy content disagrees with its declared dtype/shape"
+        )
+    return view
+
+
+def load_residual(state: RecordDict) -> dict[str, np.ndarray] | None:
+    """The residual an instance kept in ``context.state`` last round, if any."""
+    record = state.array_records.get(RESIDUAL_KEY)
+    return None if record is None else {k: a.numpy() for k, a in record.items()}
+
+
+def save_residual(state: RecordDict, residual: Mapping[str, np.ndarray]) -> None:
+    """Keep the residual for the next round (Flower persists ``context.state`` per node)."""
+    state[RESIDUAL_KEY] = ArrayRecord({k: Array(v) for k, v in residual.items()})

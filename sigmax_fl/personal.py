@@ -1,0 +1,245 @@
+"""Personalisation: what of the model an instance shares, keeps to itself, or adapts.
+
+``personalisation`` in the run config:
+
+- ``none``: the whole model is federated and every instance evaluates the global model.
+- ``local-head``: only the body is federated. The head (:func:`sigmax_fl.model.head_keys`)
+  lives on the instance's disk between rounds, is trained there together with the received
+  body, and is never sent: the server sends, screens, averages and saves bodies only.
+- ``fine-tune``: the whole model is federated; before scoring, each instance fine-tunes a copy
+  of the received global model on its own training rows. The copy is not sent anywhere, so the
+  global model is the one plain FedAvg makes.
+
+The ServerApp, the ClientApp and ``compare`` call these functions, so they all split, store
+and adapt models the same way.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import re
+import zlib
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from sigmax_fl import runs, task
+from sigmax_fl.dataset import InstanceData, default_cache_dir
+from sigmax_fl.model import build_model, head_keys
+from sigmax_fl.settings import Settings
+
+log = logging.getLogger(f"flwr.{__name__}")
+
+State = Mapping[str, torch.Tensor]
+FINAL_BODY = "final_body.pt"
+"""The ServerApp's artefact under local-head: the shared body, no head."""
+
+
+def shared_keys(settings: Settings) -> tuple[str, ...]:
+    """The state-dict keys that cross the wire: all of them, or the body's under local-head."""
+    keys = tuple(build_model(settings.model).state_dict())
+    if settings.personalisation != "local-head":
+        return keys
+    head = set(head_keys(settings.model))
+    return tuple(k for k in keys if k not in head)
+
+
+def final_artefact(settings: Settings) -> str:
+    """The server's saved model: the full global model, or under local-head the body alone."""
+    return FINAL_BODY if settings.personalisation == "local-head" else runs.FINAL_MODEL
+
+
+def split(state: State, model_name: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(body, head) of a full state dict, each in the model's key order."""
+    head = set(head_keys(model_name))
+    body = {k: v for k, v in state.items() if k not in head}
+    return body, {k: v for k, v in state.items() if k in head}
+
+
+def fresh_head(model_name: str, seed: int, instance_id: str) -> dict[str, torch.Tensor]:
+    """An instance's first head, seeded by the run seed and the instance id.
+
+    A rerun, or an instance restarted without its file, starts from the same weights; two
+    instances start from different ones.
+    """
+    model = build_model(model_name, seed=seed * 1_000_003 + zlib.crc32(instance_id.encode()))
+    return split(model.state_dict(), model_name)[1]
+
+
+def fine_tune_seed(seed: int, instance_id: str) -> int:
+    """Batch order of an instance's fine-tuning: fixed per run and instance."""
+    return seed * 1_000_003 + zlib.crc32(f"fine-tune:{instance_id}".encode())
+
+
+def fine_tuned(
+    model: nn.Module,
+    X: np.ndarray,
+    y: np.ndarray,
+    *,
+    epochs: int,
+    batch_size: int,
+    learning_rate: float,
+    optimizer: str,
+    seed: int,
+    grad_accumulation_steps: int = 1,
+    mixed_precision: bool = False,
+) -> nn.Module:
+    """A copy of ``model`` trained ``epochs`` more on (X, y); ``model`` itself is untouched."""
+    tuned = copy.deepcopy(model)
+    task.train(
+        tuned,
+        X,
+        y,
+        epochs=epochs,
+        batch_size=batch_size,
+        learning_rate=learning_rate,
+        optimizer=optimizer,
+        seed=seed,
+        grad_accumulation_steps=grad_accumulation_steps,
+        mixed_precision=mixed_precision,
+    )
+    return tuned
+
+
+# ---------------------------------------------------------------------------------------------
+# On the instance: its head file and its own full model
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name)
+
+
+def instance_dir(settings: Settings, run_id: int) -> Path:
+    """Where an instance keeps its heads and models for one run, next to its feature cache.
+
+    Keyed by ``run-name`` when set (so a resumed run finds its heads), else by Flower's run id.
+    """
+    run = settings.run_name or f"run-{run_id}"
+    return default_cache_dir().parent / "personal" / _safe(run)
+
+
+def head_path(settings: Settings, run_id: int, instance_id: str) -> Path:
+    """The instance's head between rounds: on its disk only."""
+    return instance_dir(settings, run_id) / f"{_safe(instance_id)}.head.pt"
+
+
+def model_path(settings: Settings, run_id: int, instance_id: str) -> Path:
+    """The instance's own full model (shared body + its head), as last evaluated."""
+    return instance_dir(settings, run_id) / f"{_safe(instance_id)}.model.pt"
+
+
+def load_head(settings: Settings, run_id: int, instance_id: str) -> dict[str, torch.Tensor]:
+    """The head this instance trained last round, else a fresh one.
+
+    A file left by an earlier run of the same ``run-name`` is not reused unless this run
+    resumes (``resume-from``): a new run's body must not meet an old run's head.
+    """
+    path = head_path(settings, run_id, instance_id)
+    if path.is_file():
+        stored = torch.load(path, weights_only=True)
+        if stored["run_id"] == run_id or settings.resume_from:
+            return dict(stored["head"])
+        log.warning(
+            "%s: head file %s is from run %s, not this run %s (and resume-from is not set): "
+            "starting a fresh head",
+            instance_id,
+            path,
+            stored["run_id"],
+            run_id,
+        )
+    return fresh_head(settings.model, settings.seed, instance_id)
+
+
+def save_head(
+    settings: Settings, run_id: int, instance_id: str, head: State, server_round: int
+) -> Path:
+    """Write the head atomically: a crash mid-write leaves the previous round's head."""
+    path = head_path(settings, run_id, instance_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    payload = {"head": {k: v.detach().clone() for k, v in head.items()}, "run_id": run_id}
+    torch.save({**payload, "round": server_round}, tmp)
+    tmp.replace(path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# The ClientApp's three call sites
+
+
+def received_model(settings: Settings, arrays: State, instance_id: str, run_id: int) -> nn.Module:
+    """The model an instance trains or evaluates: the global model, or body + its own head.
+
+    Raises
+    ------
+    ValueError
+        If the arrays are not exactly what this run's server sends (under local-head: the body
+        only), naming the difference: a head from the server would overwrite the instance's.
+    """
+    model = build_model(settings.model)
+    expected = shared_keys(settings)
+    if tuple(arrays) != expected:
+        missing = sorted(set(expected) - set(arrays))
+        extra = sorted(set(arrays) - set(expected))
+        raise ValueError(
+            f"{instance_id}: received arrays differ from what the server sends with "
+            f"personalisation = '{settings.personalisation}' (missing {missing}, extra {extra})"
+        )
+    state = dict(arrays)
+    if settings.personalisation == "local-head":
+        state.update(load_head(settings, run_id, instance_id))
+    model.load_state_dict(state)
+    return model
+
+
+def outgoing(
+    settings: Settings, model: nn.Module, instance_id: str, run_id: int, server_round: int
+) -> dict[str, torch.Tensor]:
+    """What a train reply carries; under local-head the head is saved here and left out."""
+    state = model.state_dict()
+    if settings.personalisation != "local-head":
+        return state
+    body, head = split(state, settings.model)
+    save_head(settings, run_id, instance_id, head, server_round)
+    return body
+
+
+def evaluated_model(
+    settings: Settings,
+    model: nn.Module,
+    data: InstanceData,
+    instance_id: str,
+    run_id: int,
+) -> nn.Module:
+    """The model an instance scores: fine-tuned copy, its own full model, or the global one.
+
+    Fine-tuning uses the instance's training settings (its own ``learning-rate`` included).
+
+    Under local-head the full model (received body + own head) is also saved on the instance,
+    so that after the last round each instance holds its own complete model.
+    """
+    if settings.personalisation == "fine-tune":
+        return fine_tuned(
+            model,
+            data.X("train"),
+            data.y("train"),
+            epochs=settings.fine_tune_epochs,
+            batch_size=settings.batch_size,
+            learning_rate=settings.learning_rate,
+            optimizer=settings.optimizer,
+            seed=fine_tune_seed(settings.seed, instance_id),
+            grad_accumulation_steps=settings.grad_accumulation_steps,
+            mixed_precision=settings.mixed_precision,
+        )
+    if settings.personalisation == "local-head":
+        path = model_path(settings, run_id, instance_id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        torch.save(model.state_dict(), tmp)
+        tmp.replace(path)
+        log.info("%s: own model (shared body + own head) saved to %s", instance_id, path)
+    return model

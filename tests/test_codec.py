@@ -1,0 +1,338 @@
+"""update-encoding: float16 / int8 deltas, error feedback, and what the server makes of them."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.common.constant import SUPERLINK_NODE_ID
+from flwr.common.serde import message_to_proto
+from flwr.supercore.task_identity import TaskIdentity
+
+from sigmax_fl import client_app, server_app
+from sigmax_fl.attacks import LoopbackGrid, node_ids
+from sigmax_fl.codec import (
+    BLOCK,
+    ENCODING_KEY,
+    SCALE_SUFFIX,
+    MalformedUpdateError,
+    as_numpy,
+    decode_update,
+    encode_update,
+    npy_array,
+)
+from sigmax_fl.deploy.flwr_cli import FINISHED_OK, FlwrHome
+from sigmax_fl.model import build_model
+from sigmax_fl.settings import ConfigError, Settings
+from sigmax_fl.strategy import META_KEY, Defences, WeightedFedAvg
+
+from .conftest import ROOT
+
+
+@pytest.fixture(autouse=True)
+def _identity() -> None:
+    # Messages outside a running Flower process need a task identity to be built.
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+
+
+def model_arrays(seed: int = 0) -> dict[str, np.ndarray]:
+    return {
+        k: v.numpy().copy() for k, v in build_model("trading-mlp", seed=seed).state_dict().items()
+    }
+
+
+def trained(
+    received: dict[str, np.ndarray], seed: int, size: float = 0.01
+) -> dict[str, np.ndarray]:
+    """``received`` moved by a random update of about ``size`` per weight, as training would."""
+    rng = np.random.default_rng(seed)
+    return {k: (v + rng.normal(0, size, v.shape)).astype(np.float32) for k, v in received.items()}
+
+
+def reply(node: int, arrays: ArrayRecord, encoding: str, n: int = 100) -> Message:
+    sent = Message(RecordDict(), dst_node_id=node, message_type="train")
+    meta = {"instance-id": f"inst-{node}"}
+    if encoding != "float32":
+        meta[ENCODING_KEY] = encoding
+    content = RecordDict(
+        {
+            "arrays": arrays,
+            "metrics": MetricRecord({"num-examples": n}),
+            META_KEY: ConfigRecord(meta),
+        }
+    )
+    return Message(content, reply_to=sent)
+
+
+@pytest.mark.parametrize("encoding", ["float16", "int8"])
+def test_round_trip_error_is_bounded_by_the_format(encoding: str) -> None:
+    received = model_arrays()
+    local = trained(received, seed=1)
+
+    arrays, residual = encode_update(local, received, encoding)
+    decoded = decode_update(arrays, received, encoding)
+
+    for name, weights in local.items():
+        delta = (weights - received[name]).ravel()
+        error = (decoded[name] - weights).ravel()
+        assert decoded[name].dtype == np.float32 and decoded[name].shape == weights.shape
+        if encoding == "float16":
+            # half precision: 11 significant bits, relative to each delta (plus float32 sums)
+            assert np.all(np.abs(error) <= np.abs(delta) * 2**-11 + 2e-7)
+        else:
+            # int8: half a step of the block's own scale, max |delta in block| / 127
+            padded = np.zeros(-(-delta.size // BLOCK) * BLOCK)
+            padded[: delta.size] = np.abs(delta)
+            step = np.repeat(padded.reshape(-1, BLOCK).max(axis=1) / 127, BLOCK)[: delta.size]
+            assert np.all(np.abs(error) <= step / 2 + 2e-7)
+        # what was lost is exactly what the instance keeps for next round
+        np.testing.assert_allclose(residual[name], weights - decoded[name], atol=2e-7)
+
+
+def test_bytes_per_update_on_the_real_model() -> None:
+    received = model_arrays()
+    local = trained(received, seed=2)
+    down = Message(RecordDict(), dst_node_id=1, message_type="train")
+    sizes = {}
+    for encoding in ("float32", "float16", "int8"):
+        arrays, _ = encode_update(local, received, encoding)
+        message = Message(RecordDict({"arrays": arrays}), reply_to=down)
+        sizes[encoding] = (arrays.count_bytes(), message_to_proto(message).ByteSize())
+    for i in range(2):  # what the history records, and the serialised protobuf
+        assert sizes["float16"][i] <= 0.55 * sizes["float32"][i]
+        assert sizes["int8"][i] <= 0.30 * sizes["float32"][i]
+
+
+@pytest.mark.parametrize("encoding", ["float16", "int8"])
+def test_error_feedback_keeps_the_cumulative_error_bounded(encoding: str) -> None:
+    # Prepare: 60 rounds of small updates with a common drift, which rounding alone would
+    # keep losing in the same direction (int8: below half a step of the block's scale)
+    received = model_arrays()
+    rng = np.random.default_rng(3)
+    drift = {k: rng.normal(0, 1e-3, v.shape).astype(np.float32) for k, v in received.items()}
+    big = {k: np.float32(0.05) for k in received}  # one large value per tensor sets the scale
+
+    def cumulative_error(feedback: bool, rounds: int) -> float:
+        residual = None
+        true_sum = {k: np.zeros(v.shape) for k, v in received.items()}
+        sent_sum = {k: np.zeros(v.shape) for k, v in received.items()}
+        for r in range(rounds):
+            local = {}
+            for k, v in received.items():
+                update = drift[k] + rng.normal(0, 1e-4, v.shape).astype(np.float32)
+                update.reshape(-1)[0] = big[k] * (1 if r % 2 else -1)
+                local[k] = v + update
+                true_sum[k] += local[k] - v
+            arrays, left = encode_update(local, received, encoding, residual)
+            residual = left if feedback else None
+            decoded = decode_update(arrays, received, encoding)
+            for k, v in received.items():
+                sent_sum[k] += decoded[k] - v
+        return max(float(np.abs(true_sum[k] - sent_sum[k]).max()) for k in received)
+
+    # Execute
+    with_feedback = [cumulative_error(True, n) for n in (10, 60)]
+    without = cumulative_error(False, 60)
+
+    # Assert: with feedback the error after 60 rounds is no larger than after 10 (bounded by
+    # one round's quantisation), without it the same updates drift away
+    one_round_bound = 0.05 / 127 if encoding == "int8" else 0.05 * 2**-11
+    assert with_feedback[1] <= one_round_bound + 1e-6
+    assert with_feedback[1] <= 1.5 * with_feedback[0] + 1e-7
+    assert without > 5 * with_feedback[1]
+
+
+def _int8_record(values: dict[str, np.ndarray]) -> dict[str, Array]:
+    arrays, _ = encode_update(trained(values, seed=4), values, "int8")
+    return dict(arrays.items())
+
+
+def _npy_bytes(values: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, values)
+    return buffer.getvalue()
+
+
+def _tampered(kind: str, received: dict[str, np.ndarray]) -> tuple[ArrayRecord, str]:
+    arrays = _int8_record(received)
+    name = "net.0.weight"
+    if kind == "missing scale":
+        del arrays[name + SCALE_SUFFIX]
+    elif kind == "wrong dtype":
+        arrays[name] = Array(np.zeros(received[name].shape, np.int16))
+    elif kind == "wrong shape":
+        arrays[name] = Array(np.zeros((3, 3), np.int8))
+    elif kind == "short scale":
+        arrays[name + SCALE_SUFFIX] = Array(np.ones(2, np.float32))
+    elif kind == "negative scale":
+        scale = np.ones(-(-received[name].size // BLOCK), np.float32)
+        scale[1] = -1
+        arrays[name + SCALE_SUFFIX] = Array(scale)
+    elif kind == "npy lies":
+        shape = received[name].shape
+        data = _npy_bytes(np.zeros(4, np.int8))
+        arrays[name] = Array(dtype="int8", shape=shape, stype="numpy.ndarray", data=data)
+    elif kind == "unknown encoding":
+        return ArrayRecord(arrays), "int4"
+    return ArrayRecord(arrays), "int8"
+
+
+MALFORMED = {
+    "missing scale": "missing ['net.0.weight:scale']",
+    "wrong dtype": "is int16",
+    "wrong shape": "is int8[3, 3]",
+    "short scale": "'net.0.weight:scale' is float32[2]",
+    "negative scale": "negative, NaN or Inf scale",
+    "npy lies": "npy content disagrees",
+    "unknown encoding": "unknown update encoding 'int4'",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(MALFORMED))
+def test_malformed_encoded_reply_is_rejected_with_its_reason(
+    kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Prepare: two good int8 replies and one malformed, against the sent global model
+    received = model_arrays()
+    good = [reply(i, ArrayRecord(_int8_record(received)), "int8") for i in (1, 2)]
+    arrays, encoding = _tampered(kind, received)
+    strategy = WeightedFedAvg(defences=Defences(max_weight_share=1.0))
+    strategy._sent = ArrayRecord({k: Array(v) for k, v in received.items()})
+
+    # Execute
+    with pytest.raises(MalformedUpdateError, match=MALFORMED[kind].replace("[", r"\[")):
+        decode_update(arrays, received, encoding)
+    with caplog.at_level(logging.WARNING, logger="flwr.sigmax_fl.strategy"):
+        result, metrics = strategy.aggregate_train(1, [*good, reply(3, arrays, encoding)])
+
+    # Assert: the round goes on with the good ones; the log names the instance and the reason
+    assert result is not None and metrics["replies-ok"] == 2 and metrics["replies-rejected"] == 1
+    bad = next(s for s in strategy.last_train if s.instance_id == "inst-3")
+    assert "does not decode" in bad.reason and MALFORMED[kind] in bad.reason
+    logged = [r.getMessage() for r in caplog.records]
+    assert any("inst-3" in line and MALFORMED[kind] in line for line in logged), logged
+
+
+def test_server_decodes_before_screening() -> None:
+    # Prepare: the same trained models sent as float32 weights and as int8 deltas, plus one
+    # int8 reply whose decoded model is 100x too far: screening must see the decoded norm
+    received = model_arrays()
+    locals_ = [trained(received, seed=s) for s in (5, 6, 7)]
+    far = {k: received[k] + 100 * (v - received[k]) for k, v in trained(received, 8).items()}
+    sent = ArrayRecord({k: Array(v) for k, v in received.items()})
+
+    def run(encoding: str) -> tuple[dict[str, np.ndarray], WeightedFedAvg]:
+        replies = [
+            reply(i, encode_update(m, received, encoding)[0], encoding)
+            for i, m in enumerate([*locals_, far], start=1)
+        ]
+        strategy = WeightedFedAvg(defences=Defences(max_weight_share=1.0))
+        strategy._sent = sent
+        result, _ = strategy.aggregate_train(1, replies)
+        return {k: a.numpy() for k, a in result.items()}, strategy
+
+    # Execute
+    plain, _ = run("float32")
+    int8, strategy = run("int8")
+
+    # Assert: the far one is rejected by its decoded norm; the average matches float32's
+    assert [s.ok for s in strategy.last_train] == [True, True, True, False]
+    assert "above bound" in strategy.last_train[3].reason
+    for name, values in plain.items():
+        step = np.abs(values - received[name]).max() / 127
+        np.testing.assert_allclose(int8[name], values, atol=step)
+
+
+def test_update_encoding_with_secure_aggregation_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="update-encoding.*secure-aggregation"):
+        Settings(update_encoding="int8", secure_aggregation=True)
+
+
+def _in_process_run(run_config: dict, instances: int, out: Path) -> dict[str, torch.Tensor]:
+    """The app's ServerApp and ClientApps over Flower's message serialisation, in this process."""
+    run_id = 4242
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = run_id, SUPERLINK_NODE_ID, 1
+    partitions = {"num-partitions": instances}
+    nodes = {
+        node: (
+            client_app.app,
+            Context(run_id, node, {"partition-id": i, **partitions}, RecordDict(), run_config),
+        )
+        for i, node in enumerate(node_ids(instances))
+    }
+    context = Context(run_id, SUPERLINK_NODE_ID, {}, RecordDict(), dict(run_config))
+    server_app.main(LoopbackGrid(nodes, run_id), context)
+    return torch.load(out / run_config["run-name"] / "final_model.pt", weights_only=True)
+
+
+@pytest.mark.integration
+def test_int8_simulation_sends_a_quarter_and_learns_as_float32(
+    simulation: FlwrHome, tmp_path: Path
+) -> None:
+    # Prepare: two rounds, three synthetic instances
+    config = {
+        "num-server-rounds": 2,
+        "local-epochs": 1,
+        "data-sources": "synthetic:3:seed=2:signal=0.3:start=2018-01-01:end=2019-12-31",
+        "min-available-nodes": 3,
+        "outputs-dir": str(tmp_path),
+    }
+
+    # Execute: int8 through Flower's simulation engine; float32, the reference, in process
+    run_config = {**config, "run-name": "int8", "update-encoding": "int8"}
+    run_id = simulation.run_app(
+        ROOT,
+        "sim",
+        run_config=run_config,
+        federation_config={"num-supernodes": 3},
+        sink=io.StringIO(),
+        timeout=300,
+    )
+    f32 = _in_process_run({**config, "run-name": "float32"}, 3, tmp_path)
+
+    # Assert: completed, every reply accepted, about a quarter of float32's bytes recorded
+    assert simulation.run_status(run_id, "sim") == FINISHED_OK
+    history = json.loads((tmp_path / "int8" / "history.json").read_text())
+    assert [r["train"]["replies-ok"] for r in history] == [3, 3]
+    sizes = [i["train"]["bytes"] for r in history for i in r["instances"].values()]
+    float32_bytes = ArrayRecord(build_model("trading-mlp").state_dict()).count_bytes()
+    assert len(sizes) == 6 and max(sizes) <= 0.3 * float32_bytes
+    assert all(
+        r["train"]["bytes-received"] == sum(i["train"]["bytes"] for i in r["instances"].values())
+        for r in history
+    )
+
+    # ... and a model within a few int8 steps of the float32 run's
+    int8 = torch.load(tmp_path / "int8" / "final_model.pt", weights_only=True)
+    initial = build_model("trading-mlp", seed=42).state_dict()
+    for name, values in f32.items():
+        moved = (values - initial[name]).abs().max().item()
+        assert (int8[name] - values).abs().max().item() <= 0.05 * moved + 1e-6
+
+
+@pytest.mark.parametrize(
+    "values",
+    [np.full((), 2.5, np.float32), np.zeros((0, 3), np.float32), np.arange(7.0)],
+    ids=["0-d", "empty", "float64"],
+)
+def test_npy_array_writes_flowers_bytes_and_reads_back_in_place(values: np.ndarray) -> None:
+    # The server's result Array: the bytes Array(ndarray) would hold, without np.save's copies
+    array = npy_array(values, "float32")
+    flower = Array(values.astype(np.float32))
+    assert array.data == flower.data and array.dtype == flower.dtype
+    assert tuple(array.shape) == tuple(flower.shape)
+    np.testing.assert_array_equal(as_numpy(array), values.astype(np.float32))

@@ -1,0 +1,120 @@
+"""The round's message exchange against Flower's real in-memory SuperLink state.
+
+A thread plays the simulated nodes the way Flower's engine does (``get_message_ins`` per node,
+then ``store_message_res``), so pushes, pulls, deletions and the window are Flower's own.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from typing import cast
+
+import pytest
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.server.superlink.fleet.vce.vce_api import _register_nodes
+from flwr.server.superlink.linkstate import LinkStateFactory
+from flwr.server.superlink.linkstate.in_memory_linkstate import (
+    InMemoryLinkState,
+    RunRecord,
+    Task,
+)
+from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME, NOOP_FEDERATION_ID
+from flwr.supercore.object_store import ObjectStoreFactory
+from flwr.supercore.run import Run
+from flwr.supercore.task_identity import TaskIdentity
+from flwr.superlink.federation import NoOpFederationManager
+from flwr.superlink.grid import InMemoryGrid
+
+from sigmax_fl import exchange
+
+
+class Nodes:
+    """Simulated nodes answering every message after ``delay`` s, except the ``silent`` ones."""
+
+    def __init__(self, state: InMemoryLinkState, nodes: list[int], delay: float) -> None:
+        self.state, self.nodes, self.delay = state, nodes, delay
+        self.silent: set[int] = set()
+        self.most_in_flight = 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        while not self.stop.is_set():
+            self.most_in_flight = max(self.most_in_flight, len(self.state.message_ins_store))
+            for node in self.nodes:
+                for message in self.state.get_message_ins(node_id=node, limit=1):
+                    if node in self.silent:
+                        continue
+                    time.sleep(self.delay)
+                    reply = Message(RecordDict(), reply_to=message)
+                    reply.metadata.__dict__["_message_id"] = f"reply-{message.metadata.message_id}"
+                    self.state.store_message_res(reply)
+            time.sleep(0.001)
+
+
+@pytest.fixture
+def federation(request: pytest.FixtureRequest) -> Iterator[tuple[InMemoryGrid, Nodes]]:
+    """An in-memory grid over ``request.param`` registered nodes, answered by a thread."""
+    factory = LinkStateFactory(
+        FLWR_IN_MEMORY_DB_NAME, NoOpFederationManager(), ObjectStoreFactory()
+    )
+    run = Run.create_empty(run_id=1)
+    run.primary_task_id, run.federation_id = 7, NOOP_FEDERATION_ID
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 7, 1, 1
+    state = cast(InMemoryLinkState, factory.state())
+    state.run_ids[1] = RunRecord(run=run)
+    state.task_store[7] = Task(task_id=7, run_id=1)
+    nodes = Nodes(state, list(_register_nodes(request.param, factory)), delay=0.001)
+    grid = InMemoryGrid(state_factory=factory)
+    grid.set_run(run)
+    nodes.thread.start()
+    yield grid, nodes
+    nodes.stop.set()
+    nodes.thread.join(timeout=5)
+
+
+def _messages(nodes: list[int]) -> list[Message]:
+    content = RecordDict({"config": ConfigRecord({"server-round": 1})})
+    return [Message(content, dst_node_id=node, message_type="train") for node in nodes]
+
+
+@pytest.mark.parametrize("federation", [8], indirect=True)
+def test_replies_return_within_milliseconds_not_a_poll_interval(federation) -> None:
+    grid, nodes = federation
+    exchange.send_and_receive(grid, _messages(nodes.nodes), timeout=10)  # warm up
+
+    started = time.monotonic()
+    replies = exchange.send_and_receive(grid, _messages(nodes.nodes), timeout=10)
+    took = time.monotonic() - started
+
+    assert sorted(m.metadata.src_node_id for m in replies) == sorted(nodes.nodes)
+    assert took < 0.08, took  # Grid.send_and_receive sleeps 0.1 s after its first pull
+    assert not grid.state.message_ins_store  # pulled replies deleted their messages
+
+
+@pytest.mark.parametrize("federation", [2_000], indirect=True)
+def test_a_large_simulated_phase_keeps_a_bounded_window_in_flight(federation) -> None:
+    grid, nodes = federation
+    sample = nodes.nodes[:100]
+    limit = exchange.in_flight_limit(grid, len(sample))
+    assert limit == max(exchange.PASS_BUDGET // 2_000, exchange.MIN_IN_FLIGHT) < len(sample)
+
+    replies = exchange.send_and_receive(grid, _messages(sample), timeout=60)
+
+    assert sorted(m.metadata.src_node_id for m in replies) == sorted(sample)
+    assert 0 < nodes.most_in_flight <= limit
+
+
+@pytest.mark.parametrize("federation", [3], indirect=True)
+def test_a_silent_node_costs_the_timeout_and_the_others_are_returned(federation) -> None:
+    grid, nodes = federation
+    nodes.silent = {nodes.nodes[0]}
+
+    started = time.monotonic()
+    replies = exchange.send_and_receive(grid, _messages(nodes.nodes), timeout=0.5)
+    took = time.monotonic() - started
+
+    assert sorted(m.metadata.src_node_id for m in replies) == sorted(nodes.nodes[1:])
+    assert 0.5 <= took < 0.8, took
