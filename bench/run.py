@@ -14,6 +14,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -1076,6 +1077,12 @@ def main(argv: list[str] | None = None) -> int:
                                 row["steady_round_s"] / stock["steady_round_s"]
                             )
                         last_stock = _wall_parts(stock)
+                    except subprocess.TimeoutExpired as err:
+                        row["stock"] = {
+                            "error": f"did not finish within the bench's remaining "
+                            f"{err.timeout:.0f} s (bench --budget {args.budget:.0f} s)"
+                        }
+                        print(f"[bench] stock n={n}: {row['stock']['error']}", flush=True)
                     except Exception as err:
                         row["stock"] = {"error": f"{type(err).__name__}: {str(err)[:300]}"}
                         print(f"[bench] stock n={n} failed: {row['stock']['error']}", flush=True)

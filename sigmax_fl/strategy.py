@@ -280,7 +280,7 @@ def norms_and_average(
     :data:`PASS_BLOCK` values; its block's delta to the global model (``w_k - w_global``,
     written into a buffer that stays in cache) feeds both the norm (``vector_norm``) and the
     weighted sum of deltas (``add_`` with ``alpha``), and the block's result is
-    ``w_global + sum``. Torch ops: fused and multi-threaded, and they release the GIL.
+    ``w_global + sum``. Torch ops release the GIL, so two Python threads take alternate blocks.
 
     The weights must sum to 1 (they are shares). Summing deltas, which are small, in float32
     keeps the result within about one float32 ulp of the float64 average; the norms are
