@@ -24,7 +24,6 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 if __package__ in (None, ""):  # `python bench/aggregation.py`
@@ -32,19 +31,9 @@ if __package__ in (None, ""):  # `python bench/aggregation.py`
 
 import numpy as np
 
+from bench.timing import timeit
+
 REPLIES = 10
-
-
-def _times(fn: Callable[[], object], reps: int) -> list[float]:
-    """Wall seconds of ``reps`` calls, after one untimed call."""
-    fn()
-    out = []
-    for _ in range(reps):
-        gc.collect()
-        start = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - start)
-    return out
 
 
 def copy_bandwidth(nbytes: int = 256 * 2**20, reps: int = 10) -> float:
@@ -52,7 +41,7 @@ def copy_bandwidth(nbytes: int = 256 * 2**20, reps: int = 10) -> float:
     src = np.ones(nbytes // 4, dtype=np.float32)
     dst = np.empty_like(src)
     dst[:] = 2.0  # touch every page before timing
-    best = min(_times(lambda: np.copyto(dst, src), reps))
+    best = min(timeit(lambda: np.copyto(dst, src), reps))
     return 2 * nbytes / best
 
 
@@ -162,7 +151,7 @@ def aggregation_speed(
             "read_replies_only": read_only,
             "fresh_pages_result_size": fresh_pages,
         }
-        timings = {name: _times(fn, reps) for name, fn in parts.items()}
+        timings = {name: timeit(fn, reps) for name, fn in parts.items()}
         floor = (replies + 1) * params * 4 / bandwidth
         row: dict[str, object] = {"params": params, "replies": replies, "reps": reps}
         row["floor_s"] = floor

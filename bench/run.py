@@ -19,13 +19,14 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 if __package__ in (None, ""):  # `python bench/run.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np
+
+from bench.timing import timeit
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT_DIR = Path(__file__).resolve().parent
@@ -79,19 +80,6 @@ def loadavg() -> list[float]:
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def timeit(fn: Callable[[], object], reps: int, warmup: int = 1) -> list[float]:
-    """Wall seconds of ``reps`` calls after ``warmup`` untimed calls."""
-    for _ in range(warmup):
-        fn()
-    out = []
-    for _ in range(reps):
-        gc.collect()
-        start = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - start)
-    return out
 
 
 def med(values: list[float]) -> float:

@@ -57,7 +57,7 @@ def run_compare(out: Path, *args: str) -> Path:
     return out
 
 
-def small_training(rounds: int) -> compare.Training:
+def small_training(rounds: int, max_weight_share: float | None = None) -> compare.Training:
     """compare's training at the default settings, one local epoch a round."""
     s = Settings()
     return compare.Training(
@@ -67,5 +67,5 @@ def small_training(rounds: int) -> compare.Training:
         learning_rates=(s.learning_rate,),
         optimizer=s.optimizer,
         model=s.model,
-        max_weight_share=s.max_weight_share,
+        max_weight_share=s.max_weight_share if max_weight_share is None else max_weight_share,
     )

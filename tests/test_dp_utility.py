@@ -18,20 +18,9 @@ from sigmax_fl.privacy import central_noise_std, private_aggregate
 from sigmax_fl.settings import Settings
 from sigmax_fl.strategy import capped_shares
 
+from .conftest import small_training
+
 INSTANCES = "coinbase-btc-usd-1d,bitstamp-eth-usd-1d"
-
-
-def _training(rounds: int, max_weight_share: float = 0.5) -> compare.Training:
-    s = Settings()
-    return compare.Training(
-        rounds=rounds,
-        local_epochs=1,
-        batch_size=s.batch_size,
-        learning_rates=(s.learning_rate,),
-        optimizer=s.optimizer,
-        model=s.model,
-        max_weight_share=max_weight_share,
-    )
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +114,7 @@ def test_central_noise_is_the_apps() -> None:
 def test_clip_only_with_a_large_bound_is_the_non_private_federation(
     markets: list[compare.Market],
 ) -> None:
-    training = _training(rounds=2)
+    training = small_training(rounds=2)
     private = build_model(training.model, seed=5)
     plain = build_model(training.model, seed=5)
     step = dp_utility.central_step(
@@ -144,7 +133,7 @@ def test_clip_only_with_a_large_bound_is_the_non_private_federation(
 
 
 def test_a_private_round_is_the_privacy_modules_mechanism(markets: list[compare.Market]) -> None:
-    training = _training(rounds=1, max_weight_share=0.5)
+    training = small_training(rounds=1, max_weight_share=0.5)
     model = build_model(training.model, seed=3)
     start = {k: v.clone() for k, v in model.state_dict().items()}
     updates = []
