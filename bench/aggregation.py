@@ -126,7 +126,7 @@ def aggregation_speed(
             aggregate_arrayrecords([m.content for m in messages], "num-examples")
 
         sent = {k: as_numpy(a) for k, a in glob.items()}
-        screened = [screen_train_reply(m, glob, sent, check_finite=False) for m in messages]
+        screened = [screen_train_reply(m, glob, sent) for m in messages]
         models = [s.arrays for s in screened]
         shares = capped_shares([s.num_examples for s in screened], ours.defences.max_weight_share)
         _, average = norms_and_average(models, sent, shares)
@@ -144,7 +144,7 @@ def aggregation_speed(
             "ours": run_ours,
             "stock": run_stock,
             "screening": lambda m=messages, g=glob, s=sent: [
-                screen_train_reply(x, g, s, check_finite=False) for x in m
+                screen_train_reply(x, g, s) for x in m
             ],
             "one_pass": lambda m=models, s=sent, w=shares: norms_and_average(m, s, w),
             "write_result": lambda a=average: [npy_array(v) for v in a.values()],

@@ -16,7 +16,15 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.clientapp import ClientApp
 
 from sigmax_fl import codec, personal, scaling, secagg, task
@@ -107,7 +115,10 @@ def _model(
     settings: Settings, message: Message, instance_id: str, context: Context
 ) -> torch.nn.Module:
     arrays = message.content["arrays"].to_torch_state_dict()
-    return personal.received_model(settings, arrays, instance_id, context.run_id)
+    # A local head: training round r starts from round r-1's, evaluating r scores round r's
+    server_round = int(message.content["config"].get("server-round", 0))
+    head_before = server_round + (message.metadata.message_type == MessageType.EVALUATE)
+    return personal.received_model(settings, arrays, instance_id, context.run_id, head_before)
 
 
 def _reply(

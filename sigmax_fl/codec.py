@@ -230,7 +230,11 @@ def decode_update(
 def _read(record: ArrayRecord, name: str, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
     """One array of an encoded reply, checked against the dtype and shape it must have."""
     got = record[name]
-    if np.dtype(got.dtype) != dtype or tuple(got.shape) != tuple(shape):
+    try:
+        declared = np.dtype(got.dtype)
+    except (TypeError, ValueError):
+        declared = None  # a dtype name numpy does not know: as wrong as any other
+    if declared != dtype or tuple(got.shape) != tuple(shape):
         raise MalformedUpdateError(
             f"array '{name}' is {got.dtype}{list(got.shape)}, expected {dtype}{list(shape)}"
         )

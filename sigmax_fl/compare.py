@@ -749,12 +749,12 @@ USE_CASES: dict[str, Callable[[Request], dict[str, Any]]] = {
     "multi-strategy": _multi_strategy,
     "risk": _risk,
 }
+"""Use case name -> the function that runs it; each returns the result written out."""
 OUTPUTS: dict[str, Callable[[dict[str, Any], Path], None]] = {
     "risk": _risk_outputs,
     "multi-strategy": _multi_strategy_outputs,
 }
 """Use cases that write their own outputs; the others use :func:`write_outputs`."""
-"""Use case name -> the function that runs it; each returns the result written out."""
 
 
 def compare(
@@ -812,6 +812,12 @@ def compare(
         raise ValueError(f"seeds must be >= 1, got {seeds}")
     if settings.scaler != "local" and use_case != "multi-market":
         raise ValueError(f"scaler '{settings.scaler}' is compared for use case multi-market only")
+    if settings.target != "return" and use_case != "risk":
+        # Hit rate, IC and Sharpe of a volatility forecast would be numbers without meaning
+        raise ValueError(
+            f"use case '{use_case}' compares return forecasts; target '{settings.target}' is "
+            "compared by use case 'risk'"
+        )
     sources = parse_sources(data_sources or settings.data_sources, settings.data_dir)
     request = Request(
         sources=tuple(sources),

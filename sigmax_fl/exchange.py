@@ -104,7 +104,8 @@ def send_and_receive(
         pending.difference_update(m.metadata.reply_to_message_id for m in got)
         if not pending and not queued:
             break
-        interval = interval if got else min(interval * GROWTH, MAX_INTERVAL)
+        # Replies come in bursts: poll fast again after one, back off while none come.
+        interval = MIN_INTERVAL if got else min(interval * GROWTH, MAX_INTERVAL)
         wait = max(interval, COST_FACTOR * cost)
         if deadline is not None:
             left = deadline - time.monotonic()

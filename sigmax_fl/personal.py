@@ -132,24 +132,54 @@ def model_path(settings: Settings, run_id: int, instance_id: str) -> Path:
     return instance_dir(settings, run_id) / f"{_safe(instance_id)}.model.pt"
 
 
-def load_head(settings: Settings, run_id: int, instance_id: str) -> dict[str, torch.Tensor]:
-    """The head this instance trained last round, else a fresh one.
+def _round_path(settings: Settings, run_id: int, instance_id: str, server_round: int) -> Path:
+    """The head as trained in one round, kept so a resumed run can go back to it."""
+    return instance_dir(settings, run_id) / f"{_safe(instance_id)}.head.r{server_round:05d}.pt"
 
-    A file left by an earlier run of the same ``run-name`` is not reused unless this run
-    resumes (``resume-from``): a new run's body must not meet an old run's head.
+
+def load_head(
+    settings: Settings, run_id: int, instance_id: str, before_round: int
+) -> dict[str, torch.Tensor]:
+    """The newest head this instance trained before round ``before_round``, else a fresh one.
+
+    Training in round r uses the head of round r-1 (or earlier, if the instance sat a round
+    out); evaluating round r uses round r's. A resumed run can find newer heads than its
+    checkpoint (the instance trained past it before the server stopped, or the run resumes from
+    an older checkpoint): it goes back to the kept head of the right round, and it is an error,
+    not a fresh head under a trained body, when that head is gone. A file left by an earlier
+    run of the same ``run-name`` is not reused unless this run resumes (``resume-from``).
     """
     path = head_path(settings, run_id, instance_id)
     if path.is_file():
         stored = torch.load(path, weights_only=True)
-        if stored["run_id"] == run_id or settings.resume_from:
+        if stored["run_id"] != run_id and not settings.resume_from:
+            log.warning(
+                "%s: head file %s is from run %s, not this run %s (and resume-from is not set): "
+                "starting a fresh head",
+                instance_id,
+                path,
+                stored["run_id"],
+                run_id,
+            )
+            return fresh_head(settings.model, settings.seed, instance_id)
+        if stored["round"] < before_round:
             return dict(stored["head"])
-        log.warning(
-            "%s: head file %s is from run %s, not this run %s (and resume-from is not set): "
-            "starting a fresh head",
-            instance_id,
-            path,
-            stored["run_id"],
-            run_id,
+        kept = sorted(path.parent.glob(f"{_safe(instance_id)}.head.r*.pt"))
+        rounds = {int(k.name.rsplit(".r", 1)[1][:-3]): k for k in kept}
+        usable = [r for r in rounds if r < before_round]
+        if usable:
+            return dict(torch.load(rounds[max(usable)], weights_only=True)["head"])
+        if before_round > 1:
+            raise FileNotFoundError(
+                f"{instance_id}: no head from before round {before_round} in {path.parent} "
+                f"(kept rounds {sorted(rounds)}): personalisation = 'local-head' resumes only "
+                "with each instance's heads (same run-name, a checkpoint within keep-checkpoints "
+                "of the newest)"
+            )
+    elif settings.resume_from and before_round > 1:
+        raise FileNotFoundError(
+            f"{instance_id}: no head file {path} to resume with: under personalisation = "
+            "'local-head' a resumed run needs each instance's head (keep run-name unchanged)"
         )
     return fresh_head(settings.model, settings.seed, instance_id)
 
@@ -157,13 +187,26 @@ def load_head(settings: Settings, run_id: int, instance_id: str) -> dict[str, to
 def save_head(
     settings: Settings, run_id: int, instance_id: str, head: State, server_round: int
 ) -> Path:
-    """Write the head atomically: a crash mid-write leaves the previous round's head."""
+    """Write the head atomically, as the latest and as this round's; keep a few rounds.
+
+    A crash mid-write leaves the previous round's head. ``keep-checkpoints`` + 1 round copies
+    are kept, so a run resumed from any checkpoint the server still keeps finds its heads.
+    """
     path = head_path(settings, run_id, instance_id)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    payload = {"head": {k: v.detach().clone() for k, v in head.items()}, "run_id": run_id}
-    torch.save({**payload, "round": server_round}, tmp)
-    tmp.replace(path)
+    payload = {
+        "head": {k: v.detach().clone() for k, v in head.items()},
+        "run_id": run_id,
+        "round": server_round,
+    }
+    for target in (_round_path(settings, run_id, instance_id, server_round), path):
+        tmp = target.with_name(f".{target.name}.tmp")
+        torch.save(payload, tmp)
+        tmp.replace(target)
+    keep = settings.keep_checkpoints + 1 if settings.keep_checkpoints else 0
+    kept = sorted(path.parent.glob(f"{_safe(instance_id)}.head.r*.pt"))
+    for old in kept[:-keep] if keep else []:
+        old.unlink()
     return path
 
 
@@ -171,8 +214,13 @@ def save_head(
 # The ClientApp's three call sites
 
 
-def received_model(settings: Settings, arrays: State, instance_id: str, run_id: int) -> nn.Module:
+def received_model(
+    settings: Settings, arrays: State, instance_id: str, run_id: int, head_before: int
+) -> nn.Module:
     """The model an instance trains or evaluates: the global model, or body + its own head.
+
+    Under local-head the head is the newest this instance trained before round ``head_before``
+    (:func:`load_head`).
 
     Raises
     ------
@@ -191,7 +239,7 @@ def received_model(settings: Settings, arrays: State, instance_id: str, run_id: 
         )
     state = dict(arrays)
     if settings.personalisation == "local-head":
-        state.update(load_head(settings, run_id, instance_id))
+        state.update(load_head(settings, run_id, instance_id, head_before))
     model.load_state_dict(state)
     return model
 

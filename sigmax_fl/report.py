@@ -107,8 +107,15 @@ def plot_losses(history: list[Record], path: Path) -> None:
     )
 
 
-def target_of(history: list[Record]) -> str:
-    """``volatility`` if the instances reported QLIKE (a risk model's run), else ``return``."""
+def target_of(history: list[Record], run_dir: Path | None = None) -> str:
+    """The run's target: its ``run_config.json`` says; else QLIKE in the history means a risk model.
+
+    The history alone can mislead: with ``share-instance-metrics = false`` no quality metric
+    reaches the server.
+    """
+    config = run_dir / "run_config.json" if run_dir is not None else None
+    if config is not None and config.is_file():
+        return str(json.loads(config.read_text()).get("target", "return"))
     evaluated = (r.get("evaluate", {}) for r in history)
     return "volatility" if any("qlike" in e for e in evaluated) else "return"
 
@@ -117,7 +124,7 @@ def plot_ic(history: list[Record], path: Path) -> None:
     """Validation forecast quality per round (IC, rank IC, hit rate; or QLIKE, vol corr)."""
     _plot_panels(
         history,
-        list(QUALITY[target_of(history)]),
+        list(QUALITY[target_of(history, path.parent)]),
         path,
         "Validation forecast quality per round (black: example-weighted over instances)",
     )
@@ -182,7 +189,7 @@ def render_report(
 ) -> str:
     """report.md: headline, one row per round, per-instance last round, rejections, plots."""
     byte_series = _bytes(history)
-    columns = (*LOSSES, *QUALITY[target_of(history)])
+    columns = (*LOSSES, *QUALITY[target_of(history, run_dir)])
     header = ["round", "seconds", "skipped", *(c[2] for c in columns)]
     header += ["replies ok", "rejected", *(f"MB {name}" for name in byte_series)]
     lines = [
@@ -206,7 +213,7 @@ def render_report(
         cells += [_fmt(values[i] / 1e6) for values in byte_series.values()]
         lines.append("| " + " | ".join(cells) + " |")
 
-    last, quality = history[-1], QUALITY[target_of(history)]
+    last, quality = history[-1], QUALITY[target_of(history, run_dir)]
     lines += [
         "",
         f"## Per instance, round {last['round']}",

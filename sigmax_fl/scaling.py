@@ -30,7 +30,7 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from sigmax_fl import exchange
-from sigmax_fl.features import Scaler
+from sigmax_fl.features import FEATURE_NAMES, Scaler
 from sigmax_fl.strategy import META_KEY, NotEnoughNodesError, instance_id
 
 log = logging.getLogger(f"flwr.{__name__}")
@@ -168,13 +168,37 @@ def collect(
             continue
         name = instance_id(reply)
         try:
-            gathered[name] = Moments.from_record(reply.content[RECORD])
+            moments = Moments.from_record(reply.content[RECORD])
         except (KeyError, ValueError, TypeError) as err:
             log.warning("scaler statistics: reply of %s refused: %s", name, err)
+            continue
+        if len(moments.total) != len(FEATURE_NAMES):
+            log.warning(
+                "scaler statistics: reply of %s refused: %d features, expected %d",
+                name,
+                len(moments.total),
+                len(FEATURE_NAMES),
+            )
+        elif name in gathered:
+            log.warning(
+                "scaler statistics: a second reply for %s refused (node %s)",
+                name,
+                reply.metadata.src_node_id,
+            )
+        else:
+            gathered[name] = moments
     if len(gathered) < max(min_replies, 1):
         raise RuntimeError(
             f"scaler = 'federated': {len(gathered)} usable statistics replies of {len(nodes)} "
             f"node(s), at least {max(min_replies, 1)} needed (min-train-replies)"
+        )
+    if len(gathered) < 3:
+        # Each instance receives the pooled mean and scale: with two contributors, either can
+        # solve for the other's training mean and std (README, "What the server sees").
+        log.warning(
+            "scaler statistics: only %d instance(s) contribute; each can derive the others' "
+            "feature means and stds from the pooled ones",
+            len(gathered),
         )
     pooled = pool(list(gathered.values()))
     scaler = pooled.scaler()

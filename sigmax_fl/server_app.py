@@ -300,6 +300,12 @@ def _start(settings: Settings, context: Context) -> tuple[Path, ServerState]:
             ) from None
     # Under local-head the heads stay on the instances: the global model is the body alone.
     shared = personal.shared_keys(settings)
+    if settings.initial_model and len(shared) < len(model.state_dict()):
+        log.warning(
+            "sigmax-fl: initial-model %s: its head is not used under personalisation = "
+            "'local-head'; each instance starts its own head (seeded by seed and instance id)",
+            settings.initial_model,
+        )
     arrays = {k: v.detach().numpy().copy() for k, v in model.state_dict().items() if k in shared}
     return run_dir, ServerState(round=0, arrays=arrays)
 

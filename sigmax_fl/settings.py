@@ -15,7 +15,7 @@ from typing import Any
 import pandas as pd
 
 from sigmax_fl.strategy import Defences, WeightedFedAvg
-from sigmax_fl.targets import VALIDATION_METRICS
+from sigmax_fl.targets import TARGETS, VALIDATION_METRICS
 
 OPTIMIZERS = ("adam", "sgd")
 STOPPING_METRICS = {
@@ -31,7 +31,6 @@ STOPPING_METRICS = {
 DATA_POLICIES = ("strict", "repair")
 DP_MODES = ("off", "central", "local")
 USE_CASES = ("multi-market", "multi-strategy", "risk")
-TARGETS = ("return", "volatility")
 PERSONALISATION = ("none", "local-head", "fine-tune")
 SCALERS = ("local", "federated")
 UPDATE_ENCODINGS = ("float32", "float16", "int8")
@@ -126,8 +125,9 @@ class Settings:
     personalisation: str = "auto"
     fine_tune_epochs: int = 1
     instance_learning_rates: str = ""
-    """``"name=value,..."``: per-instance learning rates (simulation); in deployment a node's
-    ``learning-rate`` node config does the same. Either overrides ``learning-rate``."""
+    """``"name=value,..."``: per-instance learning rates by instance id (in simulation the
+    instances are the ``data-sources`` entries and a name that is none of them is an error); a
+    node's ``learning-rate`` node config does the same. Either overrides ``learning-rate``."""
     grad_accumulation_steps: int = 1
     mixed_precision: bool = False
     scaler: str = "local"

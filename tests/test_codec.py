@@ -186,6 +186,11 @@ def _tampered(kind: str, received: dict[str, np.ndarray]) -> tuple[ArrayRecord, 
         shape = received[name].shape
         data = _npy_bytes(np.zeros(4, np.int8))
         arrays[name] = Array(dtype="int8", shape=shape, stype="numpy.ndarray", data=data)
+    elif kind == "dtype numpy does not know":
+        data = arrays[name].data
+        arrays[name] = Array(
+            dtype="zz", shape=received[name].shape, stype="numpy.ndarray", data=data
+        )
     elif kind == "unknown encoding":
         return ArrayRecord(arrays), "int4"
     return ArrayRecord(arrays), "int8"
@@ -199,6 +204,7 @@ MALFORMED = {
     "negative scale": "negative, NaN or Inf scale",
     "npy lies": "npy content disagrees",
     "unknown encoding": "unknown update encoding 'int4'",
+    "dtype numpy does not know": "is zz",
 }
 
 

@@ -134,3 +134,9 @@ def test_the_pooled_scope_aligns_instances_on_their_union_of_bars(markets) -> No
 def test_unknown_use_case_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="unknown use case 'risky'.*multi-market"):
         compare.compare(INSTANCES, 1, None, 1, use_case="risky")
+
+
+def test_a_volatility_target_is_compared_by_the_risk_use_case_only() -> None:
+    settings = Settings(use_case="multi-strategy", target="volatility")
+    with pytest.raises(ValueError, match="target 'volatility' is compared by use case 'risk'"):
+        compare.compare(INSTANCES, 1, None, 1, use_case="multi-strategy", settings=settings)

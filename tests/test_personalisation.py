@@ -246,6 +246,33 @@ def test_a_stored_head_is_reloaded_and_used_by_the_next_round(
 # fine-tune
 
 
+def test_a_resumed_run_goes_back_to_the_head_of_its_checkpoint_round(tmp_path: Path) -> None:
+    # Prepare: an instance trained rounds 1..4 of run 7; the server's newest checkpoint is
+    # round 2 (it stopped before checkpointing 3 and 4), so round 3 must start from head 2.
+    settings = Settings(use_case="multi-strategy", run_name=f"resume-{tmp_path.name}")
+    heads = {r: personal.fresh_head("trading-mlp", r, "inst") for r in range(1, 5)}
+    for r, head in heads.items():
+        personal.save_head(settings, 7, "inst", head, r)
+    resumed = Settings(**{**vars(settings), "resume_from": "resume", "keep_checkpoints": 2})
+
+    # Execute / Assert: training round 3 gets round 2's head, evaluating round 4 round 4's
+    got = personal.load_head(resumed, 8, "inst", before_round=3)
+    assert all(torch.equal(got[k], heads[2][k]) for k in HEAD)
+    got = personal.load_head(resumed, 8, "inst", before_round=5)
+    assert all(torch.equal(got[k], heads[4][k]) for k in HEAD)
+
+    # A kept window that no longer reaches back that far is an error, not a fresh head
+    for r in (5, 6, 7):
+        personal.save_head(resumed, 8, "inst", heads[1], r)  # keeps rounds 5..7 only
+    with pytest.raises(FileNotFoundError, match="no head from before round 3"):
+        personal.load_head(resumed, 8, "inst", before_round=3)
+    personal.head_path(resumed, 8, "inst").unlink()
+    for kept in personal.instance_dir(resumed, 8).glob("inst.head.r*.pt"):
+        kept.unlink()
+    with pytest.raises(FileNotFoundError, match="no head file"):
+        personal.load_head(resumed, 8, "inst", before_round=3)
+
+
 def test_fine_tuned_copy_differs_and_the_original_is_untouched() -> None:
     X, y = _val(INSTANCES[0])
     model = build_model("trading-mlp", seed=0)

@@ -122,3 +122,12 @@ def test_a_risk_models_report_shows_its_own_metrics(tmp_path: Path) -> None:
     assert "QLIKE" in markdown and "vol corr" in markdown and "0.42" in markdown
     assert "hit rate" not in markdown and "IC |" not in markdown
     assert (tmp_path / "ic.png").read_bytes().startswith(PNG)
+
+
+def test_the_run_config_names_the_target_when_no_metric_was_shared(run_dir: Path) -> None:
+    # share-instance-metrics = false: a risk run's history holds losses only
+    (run_dir / "run_config.json").write_text(json.dumps({"target": "volatility"}))
+
+    markdown = report.report(run_dir).read_text()
+
+    assert "QLIKE" in markdown and "hit rate" not in markdown
