@@ -152,12 +152,8 @@ def train(message: Message, context: Context) -> Message:
         data.X("train"),
         data.y("train"),
         epochs=settings.local_epochs,
-        batch_size=settings.batch_size,
-        learning_rate=settings.learning_rate,
-        optimizer=settings.optimizer,
         seed=seed,
-        grad_accumulation_steps=settings.grad_accumulation_steps,
-        mixed_precision=settings.mixed_precision,
+        **settings.training_options(),
     )
 
     # Reply with the weights and the example count the server weighs them by

@@ -276,12 +276,8 @@ def evaluated_model(
             data.X("train"),
             data.y("train"),
             epochs=settings.fine_tune_epochs,
-            batch_size=settings.batch_size,
-            learning_rate=settings.learning_rate,
-            optimizer=settings.optimizer,
             seed=fine_tune_seed(settings.seed, instance_id),
-            grad_accumulation_steps=settings.grad_accumulation_steps,
-            mixed_precision=settings.mixed_precision,
+            **settings.training_options(),
         )
     if settings.personalisation == "local-head":
         path = model_path(settings, run_id, instance_id)

@@ -346,6 +346,19 @@ class Settings:
                 f"{self.max_weight_share}",
             )
 
+    def training_options(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`sigmax_fl.task.train` this run config sets.
+
+        Every training on an instance (a round's, a fine-tuning) passes the same ones.
+        """
+        return {
+            "batch_size": self.batch_size,
+            "learning_rate": self.learning_rate,
+            "optimizer": self.optimizer,
+            "grad_accumulation_steps": self.grad_accumulation_steps,
+            "mixed_precision": self.mixed_precision,
+        }
+
     def strategy(self, noise_std: float = 0.0) -> WeightedFedAvg:
         """The round's sampling, screening and averaging, as this run config says."""
         return WeightedFedAvg(
