@@ -911,6 +911,51 @@ def correlation_table(what: str, corr: dict[str, dict[str, float | None]]) -> li
     return lines
 
 
+def scope_sections(
+    result: dict[str, Any],
+    labels: dict[str, str],
+    pooled_note: str = "",
+    columns: dict[str, str] = METRIC_LABELS,
+) -> list[str]:
+    """Markdown: per scope (instance, then all instances) the models' and differences' tables.
+
+    ``pooled_note`` follows the all-instances scope's row count (how its metrics pool).
+    """
+    lines: list[str] = []
+    for name, scope in result["scopes"].items():
+        title = name if name != POOLED_SCOPE else "All instances (pooled over instances)"
+        lines += [
+            f"## {title}",
+            "",
+            f"{scope['bars']} test bars, {scope['dates'][0]} .. {scope['dates'][1]}"
+            + (f", {scope['rows']} instance-bars{pooled_note}." if name == POOLED_SCOPE else "."),
+            "",
+            *_table(scope["models"], labels, columns=columns),
+            "",
+            *_table(scope["differences"], {}, signed=True, columns=columns),
+            "",
+        ]
+    return lines
+
+
+def selection_lines(result: dict[str, Any], labels: dict[str, str]) -> list[str]:
+    """Markdown: the round (and, if several were tried, learning rate) validation kept."""
+    c = result["config"]
+    lines = ["## Rounds kept by validation", ""]
+    for kind, units in result["selection"].items():
+        for unit, chosen in units.items():
+            who = "" if unit == "all" else f" ({unit})"
+            lines.append(
+                f"- {labels[kind]}{who}: rounds {chosen['best_round']} of {c['rounds']}"
+                + (
+                    f", learning rates {chosen['learning_rate']}"
+                    if len(c["learning_rates"]) > 1
+                    else ""
+                )
+            )
+    return lines
+
+
 def render_markdown(result: dict[str, Any], labels: dict[str, str] = LABELS) -> str:
     """compare.md: set-up, one table per instance and one over all instances, differences."""
     c = result["config"]
@@ -944,36 +989,12 @@ def render_markdown(result: dict[str, Any], labels: dict[str, str] = LABELS) -> 
         "correlation; always long is a position, not a return forecast).",
         "",
     ]
-    for name, scope in result["scopes"].items():
-        title = name if name != POOLED_SCOPE else "All instances (pooled over instances)"
-        lines += [
-            f"## {title}",
-            "",
-            f"{scope['bars']} test bars, {scope['dates'][0]} .. {scope['dates'][1]}"
-            + (
-                f", {scope['rows']} instance-bars; forecast metrics over all instance-bars, "
-                "Sharpe of the equal-weight portfolio of the instances trading each bar."
-                if name == POOLED_SCOPE
-                else "."
-            ),
-            "",
-            *_table(scope["models"], labels),
-            "",
-            *_table(scope["differences"], {}, signed=True),
-            "",
-        ]
-    lines += ["## Rounds kept by validation", ""]
-    for kind, units in result["selection"].items():
-        for unit, chosen in units.items():
-            who = "" if unit == "all" else f" ({unit})"
-            lines.append(
-                f"- {labels[kind]}{who}: rounds {chosen['best_round']} of {c['rounds']}"
-                + (
-                    f", learning rates {chosen['learning_rate']}"
-                    if len(c["learning_rates"]) > 1
-                    else ""
-                )
-            )
+    pooled_note = (
+        "; forecast metrics over all instance-bars, Sharpe of the equal-weight portfolio of the "
+        "instances trading each bar"
+    )
+    lines += scope_sections(result, labels, pooled_note)
+    lines += selection_lines(result, labels)
     for period, corr in result["return_correlation"].items():
         lines += correlation_table(f"the instances' realised returns ({period})", corr)
     lines += [

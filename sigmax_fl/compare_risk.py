@@ -210,24 +210,8 @@ def render_markdown(result: dict[str, Any]) -> str:
         "training split and filtered through the later bars with fixed parameters.",
         "",
     ]
-    for name, scope in result["scopes"].items():
-        title = name if name != compare.POOLED_SCOPE else "All instances (pooled over instances)"
-        lines += [
-            f"## {title}",
-            "",
-            f"{scope['bars']} test bars, {scope['dates'][0]} .. {scope['dates'][1]}"
-            + (f", {scope['rows']} instance-bars." if name == compare.POOLED_SCOPE else "."),
-            "",
-            *compare._table(scope["models"], LABELS, columns=COLUMNS),
-            "",
-            *compare._table(scope["differences"], {}, signed=True, columns=COLUMNS),
-            "",
-        ]
-    lines += ["## Rounds kept by validation", ""]
-    for kind, units in result["selection"].items():
-        for unit, chosen in units.items():
-            who = "" if unit == "all" else f" ({unit})"
-            lines.append(f"- {LABELS[kind]}{who}: rounds {chosen['best_round']} of {c['rounds']}")
+    lines += compare.scope_sections(result, LABELS, columns=COLUMNS)
+    lines += compare.selection_lines(result, LABELS)
     lines += [
         "",
         "## GARCH(1,1) fits (training split, returns in percent)",

@@ -22,6 +22,7 @@ import re
 import zlib
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -75,33 +76,13 @@ def fine_tune_seed(seed: int, instance_id: str) -> int:
     return seed * 1_000_003 + zlib.crc32(f"fine-tune:{instance_id}".encode())
 
 
-def fine_tuned(
-    model: nn.Module,
-    X: np.ndarray,
-    y: np.ndarray,
-    *,
-    epochs: int,
-    batch_size: int,
-    learning_rate: float,
-    optimizer: str,
-    seed: int,
-    grad_accumulation_steps: int = 1,
-    mixed_precision: bool = False,
-) -> nn.Module:
-    """A copy of ``model`` trained ``epochs`` more on (X, y); ``model`` itself is untouched."""
+def fine_tuned(model: nn.Module, X: np.ndarray, y: np.ndarray, **train_options: Any) -> nn.Module:
+    """A copy of ``model`` trained on (X, y) by :func:`sigmax_fl.task.train`; ``model`` untouched.
+
+    ``train_options`` are ``task.train``'s keyword arguments (``epochs``, ``seed``, ...).
+    """
     tuned = copy.deepcopy(model)
-    task.train(
-        tuned,
-        X,
-        y,
-        epochs=epochs,
-        batch_size=batch_size,
-        learning_rate=learning_rate,
-        optimizer=optimizer,
-        seed=seed,
-        grad_accumulation_steps=grad_accumulation_steps,
-        mixed_precision=mixed_precision,
-    )
+    task.train(tuned, X, y, **train_options)
     return tuned
 
 
