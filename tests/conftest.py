@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 
 from sigmax_fl import cli, compare
+from sigmax_fl.data import parse_sources
+from sigmax_fl.dataset import Recipe
 from sigmax_fl.deploy.flwr_cli import FlwrHome, start_superlink
 from sigmax_fl.deploy.processes import Supervisor
 from sigmax_fl.settings import Settings
@@ -69,3 +71,8 @@ def small_training(rounds: int, max_weight_share: float | None = None) -> compar
         model=s.model,
         max_weight_share=s.max_weight_share if max_weight_share is None else max_weight_share,
     )
+
+
+def default_markets(instances: str) -> list[compare.Market]:
+    """compare's markets for comma-separated bundled instances, with the default recipe."""
+    return compare.load_markets(parse_sources(instances), Recipe.of(Settings()))

@@ -11,21 +11,17 @@ import pytest
 import torch
 
 from sigmax_fl import compare
-from sigmax_fl.data import parse_sources
-from sigmax_fl.dataset import Recipe
 from sigmax_fl.settings import Settings
 from sigmax_fl.strategy import weighted_average
 
-from .conftest import run_compare, small_training
+from .conftest import default_markets, run_compare, small_training
 
 INSTANCES = "coinbase-btc-usd-1d,bitstamp-eth-usd-1d"
 
 
 @pytest.fixture(scope="module")
 def markets() -> list[compare.Market]:
-    s = Settings()
-    recipe = Recipe.of(s)
-    return compare.load_markets(parse_sources(INSTANCES), recipe)
+    return default_markets(INSTANCES)
 
 
 @pytest.fixture(scope="module")

@@ -10,18 +10,16 @@ import pytest
 import torch
 
 from sigmax_fl import compare, compare_strategy, personal
-from sigmax_fl.data import parse_sources
-from sigmax_fl.dataset import Recipe
 from sigmax_fl.model import build_model
 from sigmax_fl.settings import Settings
 
-from .conftest import run_compare, small_training
+from .conftest import default_markets, run_compare, small_training
 from .test_personalisation import INSTANCES, _config, _run
 
 
 @pytest.fixture(scope="module")
 def markets() -> list[compare.Market]:
-    return compare.load_markets(parse_sources(",".join(INSTANCES)), Recipe.of(Settings()))
+    return default_markets(",".join(INSTANCES))
 
 
 def test_local_head_round_is_the_apps_round(markets: list[compare.Market], tmp_path: Path) -> None:

@@ -11,23 +11,18 @@ import pytest
 import torch
 
 from sigmax_fl import cli, compare, dp_utility
-from sigmax_fl.data import parse_sources
-from sigmax_fl.dataset import Recipe
 from sigmax_fl.model import build_model
 from sigmax_fl.privacy import central_noise_std, private_aggregate
-from sigmax_fl.settings import Settings
 from sigmax_fl.strategy import capped_shares
 
-from .conftest import small_training
+from .conftest import default_markets, small_training
 
 INSTANCES = "coinbase-btc-usd-1d,bitstamp-eth-usd-1d"
 
 
 @pytest.fixture(scope="module")
 def markets() -> list[compare.Market]:
-    s = Settings()
-    recipe = Recipe.of(s)
-    return compare.load_markets(parse_sources(INSTANCES), recipe)
+    return default_markets(INSTANCES)
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import os
 import re
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -72,6 +72,18 @@ def _error_lines(text: str) -> list[str]:
 # --- fast: one line naming the variable -----------------------------------------------
 
 
+def _exits_with_one_error_line(
+    main: Callable[[list[str]], int], prog: str, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``main`` exits 2 with exactly one ``PROG: error:`` line matching ``message``."""
+    status = main([])
+    errors = _error_lines(capsys.readouterr().err)
+    assert status == 2
+    assert len(errors) == 1
+    assert errors[0].startswith(f"{prog}: error: ")
+    assert re.search(message, errors[0]), errors[0]
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [
@@ -105,15 +117,8 @@ def test_client_variable_errors_are_one_line_naming_it(
         env[name] = str(creds.ca_cert) if value == "CA" else value  # type: ignore[assignment]
     monkeypatch.setattr(os, "environ", {k: v for k, v in env.items() if v is not None})
 
-    # Execute
-    status = client.main([])
-
-    # Assert
-    errors = _error_lines(capsys.readouterr().err)
-    assert status == 2
-    assert len(errors) == 1
-    assert errors[0].startswith("sigmax-fl-client: error: ")
-    assert re.search(message, errors[0]), errors[0]
+    # Execute / Assert
+    _exits_with_one_error_line(client.main, "sigmax-fl-client", message, capsys)
 
 
 @pytest.mark.parametrize(
@@ -150,15 +155,8 @@ def test_server_variable_errors_are_one_line_naming_it(
         env[name] = special.get(value, value)  # type: ignore[arg-type]
     monkeypatch.setattr(os, "environ", {k: v for k, v in env.items() if v is not None})
 
-    # Execute
-    status = server.main([])
-
-    # Assert
-    errors = _error_lines(capsys.readouterr().err)
-    assert status == 2
-    assert len(errors) == 1
-    assert errors[0].startswith("sigmax-fl-server: error: ")
-    assert re.search(message, errors[0]), errors[0]
+    # Execute / Assert
+    _exits_with_one_error_line(server.main, "sigmax-fl-server", message, capsys)
 
 
 def test_server_certificate_must_name_the_loopback_it_dials(
