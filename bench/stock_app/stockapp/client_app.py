@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -28,20 +30,31 @@ def _model(message: Message):
     return model
 
 
+def _train(model: torch.nn.Module, X: np.ndarray, y: np.ndarray, config: dict) -> float:
+    """The quickstart's loop: torch.optim.Adam and MSE over shuffled minibatches."""
+    features, targets = torch.from_numpy(X), torch.from_numpy(y)
+    batch_size = int(config["batch-size"])
+    optimizer = torch.optim.Adam(model.parameters(), lr=float(config["learning-rate"]))
+    generator = torch.Generator().manual_seed(int(config["seed"]))
+    model.train()
+    total = 0.0
+    for _ in range(int(config["local-epochs"])):
+        total = 0.0
+        for rows in torch.randperm(len(features), generator=generator).split(batch_size):
+            optimizer.zero_grad()
+            loss = torch.nn.functional.mse_loss(model(features[rows]), targets[rows])
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(rows)
+    return total / len(features)
+
+
 @app.train()
 def train(message: Message, context: Context) -> Message:
     """Train the received model for ``local-epochs`` and send it back."""
     data = _data(context)
     model = _model(message)
-    loss = task.train(
-        model,
-        data.X("train"),
-        data.y("train"),
-        epochs=int(context.run_config["local-epochs"]),
-        batch_size=int(context.run_config["batch-size"]),
-        learning_rate=float(context.run_config["learning-rate"]),
-        seed=int(context.run_config["seed"]),
-    )
+    loss = _train(model, data.X("train"), data.y("train"), dict(context.run_config))
     metrics = MetricRecord({"train_loss": loss, "num-examples": data.rows("train")})
     content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": metrics})
     return Message(content=content, reply_to=message)
