@@ -38,7 +38,13 @@ from sigmax_fl.privacy import (
     train_dp_sgd,
 )
 from sigmax_fl.settings import ConfigError, Settings
-from sigmax_fl.strategy import EPSILON_KEY, META_KEY, WEIGHT_KEY
+from sigmax_fl.strategy import (
+    EPSILON_KEY,
+    EVALUATE_RECEIVED_KEY,
+    EVALUATION_KEY,
+    META_KEY,
+    WEIGHT_KEY,
+)
 from sigmax_fl.targets import VALIDATION_METRICS
 
 # A 15k-parameter MLP gains nothing from intra-op threads, and simulated instances share
@@ -134,32 +140,39 @@ def _reply(
 
 @app.train(mods=[secagg.secagg_mod])
 def train(message: Message, context: Context) -> Message:
-    """Train the received global model for ``local-epochs`` on this instance's training rows."""
+    """Train the received global model for ``local-epochs`` on this instance's training rows.
+
+    With ``evaluate-on-receipt`` the server asks for the received model's validation scores
+    too; they are taken before training changes the model.
+    """
     # Load this instance's data (cached) and the global model
     settings, instance_id, data = _instance(context)
     data = _federated(settings, message, data)
     model = _model(settings, message, instance_id, context)
     server_round = int(message.content["config"].get("server-round", 0))
+    scores = None
+    if message.content["config"].get(EVALUATE_RECEIVED_KEY, False):
+        scores = _scores(settings, model, data, instance_id, context.run_id)
 
     if settings.dp == "local":
         reply = _train_dp(message, settings, instance_id, data, model, context.run_id)
-        return encoded(reply, message, settings.update_encoding, context)
-
-    # Train locally, seeded by run seed, round and instance, so a rerun is identical
-    seed = settings.seed * 1_000_003 + server_round * 7919 + zlib.crc32(instance_id.encode())
-    train_loss = task.train(
-        model,
-        data.X("train"),
-        data.y("train"),
-        epochs=settings.local_epochs,
-        seed=seed,
-        **settings.training_options(),
-    )
-
-    # Reply with the weights and the example count the server weighs them by
-    metrics = {"train_loss": train_loss, WEIGHT_KEY: data.rows("train")}
-    sent = personal.outgoing(settings, model, instance_id, context.run_id, server_round)
-    reply = _reply(message, instance_id, metrics, ArrayRecord(sent))
+    else:
+        # Train locally, seeded by run seed, round and instance, so a rerun is identical
+        seed = settings.seed * 1_000_003 + server_round * 7919 + zlib.crc32(instance_id.encode())
+        train_loss = task.train(
+            model,
+            data.X("train"),
+            data.y("train"),
+            epochs=settings.local_epochs,
+            seed=seed,
+            **settings.training_options(),
+        )
+        # Reply with the weights and the example count the server weighs them by
+        metrics = {"train_loss": train_loss, WEIGHT_KEY: data.rows("train")}
+        sent = personal.outgoing(settings, model, instance_id, context.run_id, server_round)
+        reply = _reply(message, instance_id, metrics, ArrayRecord(sent))
+    if scores is not None:
+        reply.content[EVALUATION_KEY] = MetricRecord(scores)
     return encoded(reply, message, settings.update_encoding, context)
 
 
@@ -243,13 +256,20 @@ def evaluate(message: Message, context: Context) -> Message:
     settings, instance_id, data = _instance(context)
     data = _federated(settings, message, data)
     model = _model(settings, message, instance_id, context)
-    model = personal.evaluated_model(settings, model, data, instance_id, context.run_id)
+    return _reply(message, instance_id, _scores(settings, model, data, instance_id, context.run_id))
+
+
+def _scores(
+    settings: Settings, model: torch.nn.Module, data: InstanceData, instance_id: str, run_id: int
+) -> dict[str, float | int]:
+    """The validation scores an instance sends for a received model; ``model`` is unchanged."""
+    model = personal.evaluated_model(settings, model, data, instance_id, run_id)
     scores = task.evaluate(model, data.X("val"), data.y("val"), target=settings.target)
     metrics = {"val_loss": scores["loss"], WEIGHT_KEY: data.rows("val")}
     # The instance's own trading metrics leave it only if the operator allows it.
     if settings.share_instance_metrics:
         metrics.update({name: scores[name] for name in VALIDATION_METRICS[settings.target]})
-    return _reply(message, instance_id, metrics)
+    return metrics
 
 
 @app.query("scaler_statistics")

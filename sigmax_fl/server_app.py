@@ -17,14 +17,21 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from sigmax_fl import exchange, personal, runs, scaling, secagg
 from sigmax_fl.model import build_model
 from sigmax_fl.privacy import CentralAccountant, central_noise_std
 from sigmax_fl.settings import STOPPING_METRICS, Settings
-from sigmax_fl.strategy import EPSILON_KEY, Screened, WeightedFedAvg, as_numpy
+from sigmax_fl.strategy import (
+    EPSILON_KEY,
+    EVALUATE_RECEIVED_KEY,
+    EVALUATION_KEY,
+    Screened,
+    WeightedFedAvg,
+    as_numpy,
+)
 
 log = logging.getLogger(f"flwr.{__name__}")
 
@@ -57,6 +64,11 @@ class ServerState:
     """``scaler = "federated"``: the pooled mean and scale every instance normalises with
     (:func:`sigmax_fl.scaling.collect`); a resumed run sends the same ones."""
     history: tuple[dict[str, Any], ...] = ()
+    """Rounds whose global model has been scored, oldest first."""
+    unscored: dict[str, Any] | None = None
+    """The record of round ``round`` while its model awaits its scores: with
+    ``evaluate-on-receipt`` they come with the next round's train replies (or the closing
+    evaluate phase), so a resumed run asks for them first."""
 
     def to_checkpoint(self, run_config: dict[str, Any]) -> dict[str, Any]:
         def tensors(arrays: dict[str, np.ndarray] | None) -> dict[str, torch.Tensor]:
@@ -73,6 +85,7 @@ class ServerState:
             "privacy": json.dumps(self.privacy),
             "scaler": json.dumps(self.scaler),
             "history": json.dumps(list(self.history), default=str),
+            "unscored": json.dumps(self.unscored, default=str),
             "run_config": json.dumps(run_config),
         }
 
@@ -92,6 +105,7 @@ class ServerState:
             privacy=json.loads(payload["privacy"]),
             scaler=json.loads(payload.get("scaler", "{}")),  # none before the federated scaler
             history=tuple(json.loads(payload["history"])),
+            unscored=json.loads(payload.get("unscored", "null")),  # none before on-receipt
         )
 
 
@@ -99,18 +113,35 @@ def _record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
     return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
 
 
-def _per_instance(train: list[Screened], evaluate: list[Screened]) -> dict[str, dict[str, Any]]:
-    out: dict[str, dict[str, Any]] = {}
-    for phase, screened in (("train", train), ("evaluate", evaluate)):
-        for s in screened:
-            entry = out.setdefault(s.instance_id, {"node_id": s.node_id})
-            entry[phase] = {
+def _trained_instances(train: list[Screened]) -> dict[str, dict[str, Any]]:
+    """Per instance: its train verdict, metrics, update norm, weight and bytes."""
+    return {
+        s.instance_id: {
+            "node_id": s.node_id,
+            "train": {
                 **s.metrics,
                 "accepted": s.ok,
                 **({"reason": s.reason} if s.reason else {}),
-            }
-            if phase == "train":
-                entry[phase].update(update_norm=s.norm, weight=s.weight, bytes=s.payload_bytes)
+                "update_norm": s.norm,
+                "weight": s.weight,
+                "bytes": s.payload_bytes,
+            },
+        }
+        for s in train
+    }
+
+
+def _with_scores(
+    instances: dict[str, dict[str, Any]], evaluate: list[Screened]
+) -> dict[str, dict[str, Any]]:
+    """``instances`` plus each scoring instance's validation verdict and metrics."""
+    out = {name: dict(entry) for name, entry in instances.items()}
+    for s in evaluate:
+        out.setdefault(s.instance_id, {"node_id": s.node_id})["evaluate"] = {
+            **s.metrics,
+            "accepted": s.ok,
+            **({"reason": s.reason} if s.reason else {}),
+        }
     return out
 
 
@@ -149,68 +180,118 @@ def run_round(
     """One federated round; returns the next state, leaving the given one untouched.
 
     ``accountant`` (central DP) is charged one Gaussian release for a round that changed the
-    global model; a skipped round released nothing.
+    global model; a skipped round released nothing. With ``evaluate-on-receipt`` the round's
+    model stays unscored (:attr:`ServerState.unscored`) until the next round's train replies,
+    which score the previous one; otherwise an evaluate phase scores it at once.
     """
     server_round = state.round + 1
     started = time.monotonic()
-    sent = _record(state.arrays)
+    config = ConfigRecord(scaling.to_config(state.scaler))
+    if state.unscored is not None:
+        config[EVALUATE_RECEIVED_KEY] = True
 
     # Train: send the global model, screen and average the replies
     train_replies = exchange.send_and_receive(
         grid,
-        strategy.configure_train(
-            server_round, sent, ConfigRecord(scaling.to_config(state.scaler)), grid
-        ),
+        strategy.configure_train(server_round, _record(state.arrays), config, grid),
         timeout=settings.round_timeout,
     )
     new_arrays, train_metrics = strategy.aggregate_train(server_round, train_replies)
     arrays = state.arrays if new_arrays is None else {k: as_numpy(a) for k, a in new_arrays.items()}
     if accountant is not None and new_arrays is not None:
         accountant.step(settings.dp_noise_multiplier, sampling_rate=1.0)
+    if state.unscored is not None:
+        # The replies also scored the model they received: the previous round's
+        scores = strategy.aggregate_evaluate(state.round, train_replies, EVALUATION_KEY)
+        state = _scored(
+            state, scores, strategy.last_evaluate, settings.early_stopping_metric, seconds=0.0
+        )
 
-    trained = time.monotonic()
-
-    # Evaluate: every sampled instance scores the new global model on its validation rows
-    evaluate_replies = exchange.send_and_receive(
-        grid,
-        strategy.configure_evaluate(
-            server_round, _record(arrays), ConfigRecord(scaling.to_config(state.scaler)), grid
-        ),
-        timeout=settings.round_timeout,
-    )
-    evaluate_metrics = dict(strategy.aggregate_evaluate(server_round, evaluate_replies) or {})
-
-    # Keep the best round by the validation metric (early stopping restores it)
-    score = evaluate_metrics.get(settings.early_stopping_metric)
-    better = _improved(score, state.best_score, settings.early_stopping_metric)
-
-    # Record the round
-    record = {
+    # Record the round; its model's scores follow
+    trained = round(time.monotonic() - started, 3)
+    record: dict[str, Any] = {
         "round": server_round,
-        "seconds": round(time.monotonic() - started, 3),
-        "phase_seconds": {
-            "train": round(trained - started, 3),
-            "evaluate": round(time.monotonic() - trained, 3),
-        },
+        "seconds": trained,
+        "phase_seconds": {"train": trained, "evaluate": 0.0},
         "skipped": new_arrays is None,
         "bytes_sent": strategy.last_sent_bytes,
         "train": dict(train_metrics or {}),
-        "evaluate": evaluate_metrics,
-        "instances": _per_instance(strategy.last_train, strategy.last_evaluate),
+        "evaluate": {},
+        "instances": _trained_instances(strategy.last_train),
     }
     if (privacy := _privacy(settings, accountant, strategy.last_train)) is not None:
         record["privacy"] = privacy
-    return replace(
+    state = replace(
         state,
         round=server_round,
         arrays=arrays,
-        best_round=server_round if better else state.best_round,
-        best_score=score if better else state.best_score,
-        best_arrays=arrays if better else state.best_arrays,
-        stale_rounds=0 if better else state.stale_rounds + 1,
         rng=strategy.rng.bit_generator.state,
         privacy=accountant.state_dict() if accountant is not None else {},
+        unscored=record,
+    )
+    if settings.evaluate_on_receipt:
+        return state
+    return evaluate_round(state, strategy, grid, settings)
+
+
+def evaluate_round(
+    state: ServerState, strategy: WeightedFedAvg, grid: Grid, settings: Settings
+) -> ServerState:
+    """Score the global model of round ``state.round`` in an evaluate phase of its own."""
+    started = time.monotonic()
+    strategy.last_sent_bytes = 0
+    evaluate_replies = exchange.send_and_receive(
+        grid,
+        strategy.configure_evaluate(
+            state.round,
+            _record(state.arrays),
+            ConfigRecord(scaling.to_config(state.scaler)),
+            grid,
+        ),
+        timeout=settings.round_timeout,
+    )
+    scores = strategy.aggregate_evaluate(state.round, evaluate_replies)
+    return _scored(
+        state,
+        scores,
+        strategy.last_evaluate,
+        settings.early_stopping_metric,
+        seconds=time.monotonic() - started,
+        bytes_sent=strategy.last_sent_bytes,
+    )
+
+
+def _scored(
+    state: ServerState,
+    scores: MetricRecord | None,
+    evaluated: list[Screened],
+    metric: str,
+    seconds: float,
+    bytes_sent: int = 0,
+) -> ServerState:
+    """The state with its unscored round scored, recorded and weighed for the best round.
+
+    ``seconds`` and ``bytes_sent`` are those of the exchange that scored it (none when the
+    scores came with train replies). The best round is kept by the validation metric, which
+    early stopping restores.
+    """
+    record = dict(state.unscored or {})
+    evaluate = dict(scores or {})
+    record["evaluate"] = evaluate
+    record["instances"] = _with_scores(record["instances"], evaluated)
+    record["phase_seconds"] = {**record["phase_seconds"], "evaluate": round(seconds, 3)}
+    record["seconds"] = round(record["seconds"] + seconds, 3)
+    record["bytes_sent"] += bytes_sent
+    score = evaluate.get(metric)
+    better = _improved(score, state.best_score, metric)
+    return replace(
+        state,
+        best_round=record["round"] if better else state.best_round,
+        best_score=score if better else state.best_score,
+        best_arrays=state.arrays if better else state.best_arrays,
+        stale_rounds=0 if better else state.stale_rounds + 1,
         history=(*state.history, record),
+        unscored=None,
     )
 
 
@@ -240,6 +321,28 @@ def _progress(
         + epsilon
         + (" SKIPPED (global model kept)" if record["skipped"] else "")
     )
+
+
+def _report(
+    run_dir: Path,
+    records: tuple[dict[str, Any], ...],
+    settings: Settings,
+    elapsed: float,
+    first_round: int,
+) -> None:
+    """Append newly scored rounds to the history file and log their progress lines."""
+    for record in records:
+        runs.append_history(run_dir, record)
+        log.info(
+            "sigmax-fl: %s",
+            _progress(
+                record,
+                settings.num_server_rounds,
+                elapsed,
+                record["round"] - first_round,
+                settings.target,
+            ),
+        )
 
 
 def _central_noise_std(settings: Settings) -> float:
@@ -352,28 +455,18 @@ def main(grid: Grid, context: Context) -> None:
             )
             stopped_for_budget = True
             break
+        scored = len(state.history)
         state = run_round(state, strategy, grid, settings, accountant)
-        record = state.history[-1]
         runs.write_checkpoint(
             run_dir,
             state.round,
             state.to_checkpoint(settings.to_run_config()),
             settings.keep_checkpoints,
         )
-        runs.append_history(run_dir, record)
         runs.append_jsonl(
             run_dir / runs.AUDIT_JSONL, [s.audit(state.round) for s in strategy.last_train]
         )
-        log.info(
-            "sigmax-fl: %s",
-            _progress(
-                record,
-                settings.num_server_rounds,
-                time.monotonic() - started,
-                state.round - first_round,
-                settings.target,
-            ),
-        )
+        _report(run_dir, state.history[scored:], settings, time.monotonic() - started, first_round)
         if (
             settings.early_stopping_patience
             and state.stale_rounds >= settings.early_stopping_patience
@@ -386,6 +479,10 @@ def main(grid: Grid, context: Context) -> None:
             )
             stopped_early = True
             break
+    if state.unscored is not None:
+        # evaluate-on-receipt: no next round brings the last model's scores
+        state = evaluate_round(state, strategy, grid, settings)
+        _report(run_dir, state.history[-1:], settings, time.monotonic() - started, first_round)
 
     final = (
         state.best_arrays

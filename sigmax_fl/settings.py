@@ -73,6 +73,11 @@ class Settings:
     min_train_nodes: int = 2
     min_available_nodes: int = 2
     round_timeout: float = 600.0
+    evaluate_on_receipt: bool = False
+    """Each instance scores the model a train message carries (the last round's global model)
+    before training on it and sends the scores with its update, so a round is one exchange
+    instead of two; the last model is scored by one closing evaluate phase. Each round's scores
+    then come from the instances sampled to train, a round later."""
     local_epochs: int = 5
     batch_size: int = 32
     learning_rate: float = 0.001
@@ -220,6 +225,13 @@ class Settings:
                 "update_encoding",
                 self.update_encoding,
                 "'float32' with secure-aggregation = true (SecAgg+ quantises updates itself)",
+            )
+        if self.evaluate_on_receipt and self.secure_aggregation:
+            # SecAgg+ rounds are their own four exchanges (sigmax_fl.secagg), none of them FedAvg's.
+            _bad(
+                "evaluate_on_receipt",
+                True,
+                "false with secure-aggregation = true (SecAgg+ rounds keep their own phases)",
             )
         for name in ("fine_tune_epochs", "grad_accumulation_steps"):
             if getattr(self, name) < 1:

@@ -62,6 +62,10 @@ EPSILON_KEY = "dp-epsilon"
 """Metric a ClientApp under local DP reports: its per-row epsilon so far (not averaged)."""
 META_KEY = "meta"
 """ConfigRecord a sigmax-fl ClientApp adds to each reply, holding its ``instance-id``."""
+EVALUATE_RECEIVED_KEY = "evaluate-received"
+"""Train-config flag (``evaluate-on-receipt``): score the received model before training."""
+EVALUATION_KEY = "evaluation"
+"""MetricRecord of a train reply holding the received model's validation scores."""
 
 AGGREGATIONS = ("weighted-fedavg", "trimmed-mean", "median", "krum")
 NORM_POLICIES = ("reject", "clip")
@@ -165,12 +169,22 @@ class Screened:
         }
 
 
-def _metrics_of(message: Message) -> tuple[dict[str, float], str]:
-    """The reply's metrics and its positive integer weight, or the reason it has none."""
-    records = message.content.metric_records
-    if len(records) != 1:
-        return {}, f"expected one MetricRecord, got {len(records)}"
-    metrics = next(iter(records.values()))
+def _metrics_of(message: Message, record: str = "") -> tuple[dict[str, float], str]:
+    """The reply's metrics and its positive integer weight, or the reason it has none.
+
+    ``record`` names the MetricRecord to read; by default the reply must hold exactly one,
+    except that a train reply may add the received model's scores (:data:`EVALUATION_KEY`).
+    """
+    records = dict(message.content.metric_records)
+    if record:
+        if record not in records:
+            return {}, f"no MetricRecord '{record}'"
+        metrics = records[record]
+    else:
+        records.pop(EVALUATION_KEY, None)
+        if len(records) != 1:
+            return {}, f"expected one MetricRecord, got {len(records)}"
+        metrics = next(iter(records.values()))
     n = metrics.get(WEIGHT_KEY)
     if isinstance(n, bool) or not isinstance(n, int | float):
         return {}, f"'{WEIGHT_KEY}' missing or not a number ({n!r})"
@@ -734,15 +748,20 @@ class WeightedFedAvg(FedAvg):
         return aggregate(accepted, reference, d)
 
     def aggregate_evaluate(
-        self, server_round: int, replies: Iterable[Message]
+        self, server_round: int, replies: Iterable[Message], record: str = ""
     ) -> MetricRecord | None:
+        """Weighted validation scores; ``record``: read that MetricRecord (:func:`_metrics_of`).
+
+        With ``evaluate-on-receipt`` the replies are the next round's train replies and
+        ``record`` is :data:`EVALUATION_KEY`; ``server_round`` is the round scored.
+        """
         self.last_evaluate = []
         for message in replies:
             verdict = Screened(instance_id(message), message.metadata.src_node_id)
             if message.has_error():
                 verdict.reason = f"error reply: {message.error.reason}"
             else:
-                verdict.metrics, verdict.reason = _metrics_of(message)
+                verdict.metrics, verdict.reason = _metrics_of(message, record)
                 verdict.num_examples = int(verdict.metrics.get(WEIGHT_KEY, 0))
                 if verdict.num_examples > self.defences.max_examples_per_node:
                     # The same plausibility bound as for updates: the aggregated validation

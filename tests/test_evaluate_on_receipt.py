@@ -1,0 +1,205 @@
+"""``evaluate-on-receipt``: one exchange a round, the same history, model and resume.
+
+The in-process runs drive the real ServerApp and ClientApp over :class:`LoopbackGrid` (Flower's
+protobuf wire format, no network); the last test is one real Flower simulation run.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from flwr.app import Context, Message, MessageType, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID
+from flwr.supercore.task_identity import TaskIdentity
+
+from sigmax_fl import attacks, client_app, runs, server_app
+from sigmax_fl.deploy.flwr_cli import FINISHED_OK, FlwrHome
+from sigmax_fl.settings import ConfigError, Settings
+from sigmax_fl.strategy import EVALUATE_RECEIVED_KEY
+
+from .conftest import ROOT
+
+INSTANCES = ("coinbase-btc-usd-1d", "bitstamp-eth-usd-1d", "bitstamp-ltc-usd-1d")
+ON_RECEIPT = {"evaluate-on-receipt": True}
+
+
+class CountingGrid(attacks.LoopbackGrid):
+    """The instances of :data:`INSTANCES` in this process; records what each message asked."""
+
+    def __init__(self, run_config: dict, run_id: int) -> None:
+        nodes = {
+            node_id: (
+                client_app.app,
+                Context(
+                    run_id,
+                    node_id,
+                    {"partition-id": partition, "num-partitions": len(INSTANCES)},
+                    RecordDict(),
+                    dict(run_config),
+                ),
+            )
+            for partition, node_id in enumerate(attacks.node_ids(len(INSTANCES)))
+        }
+        super().__init__(nodes, run_id)
+        self.sent: list[tuple[str, int, bool]] = []
+        """(message type, server round, whether the received model is to be scored)."""
+
+    def _deliver(self, message: Message) -> Message:
+        config = message.content["config"]
+        self.sent.append(
+            (
+                message.metadata.message_type,
+                int(config["server-round"]),
+                bool(config.get(EVALUATE_RECEIVED_KEY, False)),
+            )
+        )
+        reply = super()._deliver(message)
+        assert not reply.has_error(), reply.error.reason
+        return reply
+
+    def exchanges(self) -> list[tuple[str, int, bool]]:
+        """One entry per phase: the distinct (type, round, flag) in sending order."""
+        return list(dict.fromkeys(self.sent))
+
+
+def _config(tmp_path: Path, run_name: str, **extra: object) -> dict:
+    return {
+        "data-sources": ",".join(INSTANCES),
+        "num-server-rounds": 3,
+        "local-epochs": 1,
+        "min-available-nodes": len(INSTANCES),
+        "outputs-dir": str(tmp_path / "outputs"),
+        "run-name": run_name,
+        **extra,
+    }
+
+
+def _run(run_config: dict, run_id: int) -> tuple[CountingGrid, Path]:
+    torch.set_num_threads(1)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = run_id, SUPERLINK_NODE_ID, 1
+    grid = CountingGrid(run_config, run_id)
+    server_app.main(grid, Context(run_id, SUPERLINK_NODE_ID, {}, RecordDict(), dict(run_config)))
+    run_dir = Path(run_config["outputs-dir"]) / run_config["run-name"]
+    return grid, run_dir
+
+
+def _records(run_dir: Path) -> list[dict]:
+    """history.json, which must agree with the lines appended round by round."""
+    history = json.loads((run_dir / runs.HISTORY_JSON).read_text())
+    lines = [json.loads(x) for x in (run_dir / "history.jsonl").read_text().splitlines()]
+    assert lines == history
+    return history
+
+
+def _history(run_dir: Path) -> list[dict]:
+    """The history's scores, verdicts and metrics: without wall-clock times and bytes sent."""
+    drop = ("seconds", "phase_seconds", "bytes_sent")
+    return [{k: v for k, v in r.items() if k not in drop} for r in _records(run_dir)]
+
+
+def _model(run_dir: Path) -> dict[str, torch.Tensor]:
+    summary = json.loads((run_dir / "summary.json").read_text())
+    return torch.load(summary["final_model"], weights_only=True)
+
+
+def _same_model(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_one_exchange_a_round_gives_the_same_history_and_model(tmp_path: Path) -> None:
+    two_phase, two_dir = _run(_config(tmp_path, "two-phase"), 7101)
+    fused, fused_dir = _run(_config(tmp_path, "on-receipt", **ON_RECEIPT), 7102)
+
+    assert two_phase.exchanges() == [
+        (kind, r, False) for r in (1, 2, 3) for kind in (MessageType.TRAIN, MessageType.EVALUATE)
+    ]
+    # Round 1's model is scored by round 2's train replies, ...; the last by a closing phase
+    assert fused.exchanges() == [
+        (MessageType.TRAIN, 1, False),
+        (MessageType.TRAIN, 2, True),
+        (MessageType.TRAIN, 3, True),
+        (MessageType.EVALUATE, 3, False),
+    ]
+    assert len(fused.sent) == len(INSTANCES) * 4
+    # Same model scored on the same rows: every score and verdict is identical; a round sends
+    # its model once instead of twice, and the last one twice (train, closing evaluate).
+    assert _history(fused_dir) == _history(two_dir)
+    sent, two_sent = ([r["bytes_sent"] for r in _records(d)] for d in (fused_dir, two_dir))
+    assert sent == [b // 2 for b in two_sent[:-1]] + two_sent[-1:]
+    assert all(r["evaluate"]["replies-ok"] == len(INSTANCES) for r in _history(fused_dir))
+    _same_model(_model(fused_dir), _model(two_dir))
+
+
+def test_early_stopping_trains_one_round_more_and_keeps_the_same_best_round(
+    tmp_path: Path,
+) -> None:
+    # A step size this large makes the validation loss stop improving within a few rounds.
+    stop = {"num-server-rounds": 8, "early-stopping-patience": 1, "learning-rate": 0.05}
+    _, two_dir = _run(_config(tmp_path, "two-phase", **stop), 7103)
+    fused, fused_dir = _run(_config(tmp_path, "on-receipt", **stop, **ON_RECEIPT), 7104)
+
+    two = json.loads((two_dir / "summary.json").read_text())
+    on_receipt = json.loads((fused_dir / "summary.json").read_text())
+    assert two["stopped_early"] and on_receipt["stopped_early"]
+    stopped = two["rounds_run"]
+    assert stopped < stop["num-server-rounds"]
+    # The stale round's scores arrive with the next round's replies: one more round trained,
+    # and scored by the closing phase.
+    assert on_receipt["rounds_run"] == stopped + 1
+    assert fused.exchanges()[-1] == (MessageType.EVALUATE, stopped + 1, False)
+    assert _history(fused_dir)[:stopped] == _history(two_dir)
+    assert len(_history(fused_dir)) == stopped + 1
+    if on_receipt["best_round"] == two["best_round"]:
+        _same_model(_model(fused_dir), _model(two_dir))
+    else:  # the extra round was the best one after all
+        assert on_receipt["best_round"] == stopped + 1
+
+
+def test_a_resumed_run_first_scores_the_checkpoint_model(tmp_path: Path) -> None:
+    _, unbroken_dir = _run(_config(tmp_path, "unbroken", **ON_RECEIPT), 7105)
+    # Two rounds, then resumed to three from round 2's checkpoint, whose model was scored only
+    # by the closing phase: the resumed run scores it again, first thing, and rewrites it.
+    config = _config(tmp_path, "resumed", **ON_RECEIPT)
+    _run({**config, "num-server-rounds": 2}, 7106)
+    checkpoint = torch.load(
+        sorted((unbroken_dir.parent / "resumed" / runs.CHECKPOINTS).glob("round-*.pt"))[-1],
+        weights_only=False,
+    )
+    assert json.loads(checkpoint["unscored"])["round"] == 2
+    resumed, resumed_dir = _run({**config, "resume-from": "latest"}, 7107)
+
+    assert resumed.exchanges() == [(MessageType.TRAIN, 3, True), (MessageType.EVALUATE, 3, False)]
+    assert _history(resumed_dir) == _history(unbroken_dir)
+    _same_model(_model(resumed_dir), _model(unbroken_dir))
+
+
+def test_refused_with_secure_aggregation() -> None:
+    with pytest.raises(ConfigError, match="'evaluate-on-receipt' = True: expected false with"):
+        Settings(evaluate_on_receipt=True, secure_aggregation=True)
+
+
+def test_simulation_run_has_one_phase_a_round(simulation: FlwrHome, tmp_path: Path) -> None:
+    config = {**_config(tmp_path, "sim"), **ON_RECEIPT, "num-server-rounds": 2}
+    run_id = simulation.run_app(
+        ROOT,
+        "sim",
+        run_config=config,
+        federation_config={"num-supernodes": len(INSTANCES)},
+        sink=io.StringIO(),
+        timeout=300,
+    )
+    assert simulation.run_status(run_id, "sim") == FINISHED_OK
+    history = json.loads((tmp_path / "outputs" / "sim" / runs.HISTORY_JSON).read_text())
+    assert [r["round"] for r in history] == [1, 2]
+    for record in history:
+        assert record["evaluate"]["replies-ok"] == len(INSTANCES)
+        assert {v["evaluate"]["accepted"] for v in record["instances"].values()} == {True}
+    # Round 1 was scored inside round 2's exchange; round 2 by the closing evaluate phase.
+    assert history[0]["phase_seconds"]["evaluate"] == 0.0
+    assert history[1]["phase_seconds"]["evaluate"] > 0.0
