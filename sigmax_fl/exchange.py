@@ -2,9 +2,10 @@
 
 Flower's ``Grid.send_and_receive`` sleeps a fixed interval between pulls (0.1 s in simulation,
 3 s in deployment), so a phase never ends sooner than that after its last reply. Here the poll
-starts at a few milliseconds and grows towards ``max_interval`` while nothing arrives, so a
-fast phase ends within milliseconds of its last reply. Each pull's own cost sets a floor on the
-next wait (``cost_factor`` times it): in simulation a pull scans every pending message under the
+starts at a few milliseconds and grows towards :data:`MAX_INTERVAL` (in simulation
+:data:`SIMULATION_MAX_INTERVAL`) while nothing arrives, so a fast phase ends within milliseconds
+of its last reply. Each pull's own cost sets a floor on the next wait (:data:`COST_FACTOR`
+times it): in simulation a pull scans every pending message under the
 SuperLink state's lock, and polling a large federation hot would slow the very instances it
 waits for. Timeout semantics are those of ``send_and_receive``: replies that arrive later are
 left out, and what arrived is returned. In simulation a large phase is also fed to the engine a
@@ -24,10 +25,15 @@ from flwr.superlink.grid import InMemoryGrid
 MIN_INTERVAL = 0.002
 """First wait between pulls, in seconds."""
 
-MAX_INTERVAL = 0.02
-"""Longest wait between pulls, in seconds. Replies of a simulated round come about one pass of
-Flower's engine (0.1 s) after the push: a longer wait would leave them waiting too. The pull's
-cost floor (``COST_FACTOR``) keeps the poll cheap in a large federation."""
+MAX_INTERVAL = 0.1
+"""Longest wait between pulls, in seconds, from a deployed SuperLink (whose SuperNodes fetch
+their messages every 3 s)."""
+
+SIMULATION_MAX_INTERVAL = 0.02
+"""Longest wait between pulls in simulation. A simulated phase's replies come about one pass of
+Flower's engine (0.1 s) after the push: a poll backed off to 0.1 s by then would leave them
+waiting that long again. The pull's cost floor (``COST_FACTOR``) keeps the poll cheap in a large
+federation."""
 
 GROWTH = 1.5
 """Factor by which the wait grows after a pull that brought nothing."""
@@ -89,6 +95,7 @@ def send_and_receive(
         return list(grid.send_and_receive(messages, timeout=timeout))
     queued = deque(messages)
     limit = in_flight_limit(grid, len(queued)) or len(queued)
+    longest = SIMULATION_MAX_INTERVAL if isinstance(grid, InMemoryGrid) else MAX_INTERVAL
     deadline = None if timeout is None else time.monotonic() + timeout
     pending: set[str] = set()
     replies: list[Message] = []
@@ -107,7 +114,7 @@ def send_and_receive(
         if not pending and not queued:
             break
         # Replies come in bursts: poll fast again after one, back off while none come.
-        interval = MIN_INTERVAL if got else min(interval * GROWTH, MAX_INTERVAL)
+        interval = MIN_INTERVAL if got else min(interval * GROWTH, longest)
         wait = max(interval, COST_FACTOR * cost)
         if deadline is not None:
             left = deadline - time.monotonic()

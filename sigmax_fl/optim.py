@@ -7,7 +7,9 @@ there it is paid every round by every instance. The updates below are torch 2.13
 ones (``torch.optim.adam._single_tensor_adam``, ``torch.optim.sgd._single_tensor_sgd``, the
 CPU default) restricted to the options sigmax-fl uses: no weight decay, no AMSGrad, no Nesterov,
 no dampening. Same operations in the same order, so the weights are bit-identical;
-``tests/test_optim.py`` holds both to ``torch.optim`` step by step.
+``tests/test_optim.py`` holds both to ``torch.optim`` step by step. (DP-SGD's per-row gradients
+come from ``torch.func``, which imports ``torch._dynamo`` itself: under ``dp = "local"`` the
+import stays.)
 """
 
 from __future__ import annotations

@@ -187,7 +187,9 @@ def run_round(
     server_round = state.round + 1
     started = time.monotonic()
     config = ConfigRecord(scaling.to_config(state.scaler))
-    if state.unscored is not None:
+    # evaluate-on-receipt: the previous round's scores come with this round's replies
+    scoring = state.unscored is not None and strategy.fraction_evaluate > 0
+    if scoring:
         config[EVALUATE_RECEIVED_KEY] = True
 
     # Train: send the global model, screen and average the replies
@@ -202,10 +204,11 @@ def run_round(
         accountant.step(settings.dp_noise_multiplier, sampling_rate=1.0)
     if state.unscored is not None:
         # The replies also scored the model they received: the previous round's
-        scores = strategy.aggregate_evaluate(state.round, train_replies, EVALUATION_KEY)
-        state = _scored(
-            state, scores, strategy.last_evaluate, settings.early_stopping_metric, seconds=0.0
-        )
+        scores, scorers = None, []
+        if scoring:
+            scores = strategy.aggregate_evaluate(state.round, train_replies, EVALUATION_KEY)
+            scorers = strategy.last_evaluate
+        state = _scored(state, scores, scorers, settings.early_stopping_metric, seconds=0.0)
 
     # Record the round; its model's scores follow
     trained = round(time.monotonic() - started, 3)

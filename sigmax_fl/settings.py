@@ -226,13 +226,8 @@ class Settings:
                 self.update_encoding,
                 "'float32' with secure-aggregation = true (SecAgg+ quantises updates itself)",
             )
-        if self.evaluate_on_receipt and self.secure_aggregation:
-            # SecAgg+ rounds are their own four exchanges (sigmax_fl.secagg), none of them FedAvg's.
-            _bad(
-                "evaluate_on_receipt",
-                True,
-                "false with secure-aggregation = true (SecAgg+ rounds keep their own phases)",
-            )
+        if self.evaluate_on_receipt:
+            self._check_evaluate_on_receipt()
         for name in ("fine_tune_epochs", "grad_accumulation_steps"):
             if getattr(self, name) < 1:
                 _bad(name, getattr(self, name), "an integer >= 1")
@@ -263,6 +258,30 @@ class Settings:
             allowed = _USE_CASE_ALLOWS[self.use_case][name]
             if getattr(self, name) not in allowed:
                 _bad(name, value, f"one of {list(allowed)} with use-case = '{self.use_case}'")
+
+    def _check_evaluate_on_receipt(self) -> None:
+        """Refuse scoring in the train reply where it would lose scores the two phases keep.
+
+        SecAgg+ rounds are their own four exchanges (:mod:`sigmax_fl.secagg`). Scores travel
+        with the train messages, so without training there are none; and under local DP with
+        a budget, an instance that has spent it refuses every train message from then on, so
+        it would never be scored again.
+        """
+        if self.secure_aggregation:
+            _bad(
+                "evaluate_on_receipt",
+                True,
+                "false with secure-aggregation = true (SecAgg+ rounds keep their own phases)",
+            )
+        if self.fraction_train == 0:
+            _bad("evaluate_on_receipt", True, "false with fraction-train = 0 (nothing trains)")
+        if self.dp == "local" and self.dp_target_epsilon:
+            _bad(
+                "evaluate_on_receipt",
+                True,
+                "false with dp = 'local' and a dp-target-epsilon (an instance whose budget is "
+                "spent refuses training, and would no longer be scored)",
+            )
 
     def _check_training_options(self) -> None:
         """Options that could not take effect together are errors, not silent no-ops.

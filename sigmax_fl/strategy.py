@@ -758,6 +758,8 @@ class WeightedFedAvg(FedAvg):
         self.last_evaluate = []
         for message in replies:
             verdict = Screened(instance_id(message), message.metadata.src_node_id)
+            if verdict.instance_id == f"node-{verdict.node_id}":  # an error reply names none
+                verdict.instance_id = self.node_names.get(verdict.node_id, verdict.instance_id)
             if message.has_error():
                 verdict.reason = f"error reply: {message.error.reason}"
             else:

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from flwr.app import Context, Message, MessageType, RecordDict
+from flwr.clientapp import ClientApp
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -27,13 +28,31 @@ INSTANCES = ("coinbase-btc-usd-1d", "bitstamp-eth-usd-1d", "bitstamp-ltc-usd-1d"
 ON_RECEIPT = {"evaluate-on-receipt": True}
 
 
-class CountingGrid(attacks.LoopbackGrid):
-    """The instances of :data:`INSTANCES` in this process; records what each message asked."""
+def _training_fails_in(server_round: int) -> ClientApp:
+    """The app, except that its training raises in ``server_round`` (a disk failing once)."""
 
-    def __init__(self, run_config: dict, run_id: int) -> None:
+    def app(message: Message, context: Context) -> Message:
+        config = message.content["config"]
+        if message.metadata.message_type == MessageType.TRAIN and (
+            config["server-round"] == server_round
+        ):
+            raise OSError("no space left on device")
+        return client_app.app(message, context)
+
+    return app
+
+
+class CountingGrid(attacks.LoopbackGrid):
+    """The instances of :data:`INSTANCES` in this process; records what each message asked.
+
+    ``broken``: instance index -> the round in which its training fails.
+    """
+
+    def __init__(self, run_config: dict, run_id: int, broken: dict[int, int] | None = None) -> None:
+        broken = broken or {}
         nodes = {
             node_id: (
-                client_app.app,
+                _training_fails_in(broken[partition]) if partition in broken else client_app.app,
                 Context(
                     run_id,
                     node_id,
@@ -57,9 +76,7 @@ class CountingGrid(attacks.LoopbackGrid):
                 bool(config.get(EVALUATE_RECEIVED_KEY, False)),
             )
         )
-        reply = super()._deliver(message)
-        assert not reply.has_error(), reply.error.reason
-        return reply
+        return super()._deliver(message)
 
     def exchanges(self) -> list[tuple[str, int, bool]]:
         """One entry per phase: the distinct (type, round, flag) in sending order."""
@@ -78,10 +95,12 @@ def _config(tmp_path: Path, run_name: str, **extra: object) -> dict:
     }
 
 
-def _run(run_config: dict, run_id: int) -> tuple[CountingGrid, Path]:
+def _run(
+    run_config: dict, run_id: int, broken: dict[int, int] | None = None
+) -> tuple[CountingGrid, Path]:
     torch.set_num_threads(1)
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = run_id, SUPERLINK_NODE_ID, 1
-    grid = CountingGrid(run_config, run_id)
+    grid = CountingGrid(run_config, run_id, broken)
     server_app.main(grid, Context(run_id, SUPERLINK_NODE_ID, {}, RecordDict(), dict(run_config)))
     run_dir = Path(run_config["outputs-dir"]) / run_config["run-name"]
     return grid, run_dir
@@ -179,9 +198,43 @@ def test_a_resumed_run_first_scores_the_checkpoint_model(tmp_path: Path) -> None
     _same_model(_model(resumed_dir), _model(unbroken_dir))
 
 
-def test_refused_with_secure_aggregation() -> None:
-    with pytest.raises(ConfigError, match="'evaluate-on-receipt' = True: expected false with"):
-        Settings(evaluate_on_receipt=True, secure_aggregation=True)
+def test_an_instance_whose_training_fails_is_named_and_not_scored_that_round(
+    tmp_path: Path,
+) -> None:
+    _, run_dir = _run(_config(tmp_path, "broken", **ON_RECEIPT), 7108, broken={0: 2})
+    first, second = _history(run_dir)[:2]
+    # Round 2's train messages carried round 1's model: the failing instance scored nothing.
+    assert first["evaluate"]["replies-ok"] == len(INSTANCES) - 1
+    assert set(first["instances"]) == set(INSTANCES)  # named, not "node-<id>"
+    verdict = first["instances"][INSTANCES[0]]["evaluate"]
+    assert not verdict["accepted"] and "no space left on device" in verdict["reason"]
+    assert second["train"]["replies-rejected"] == 1
+    assert second["evaluate"]["replies-ok"] == len(INSTANCES)
+
+
+def test_fraction_evaluate_zero_still_means_no_scores(tmp_path: Path) -> None:
+    grid, run_dir = _run(
+        _config(tmp_path, "unscored", **ON_RECEIPT, **{"fraction-evaluate": 0.0}), 7109
+    )
+    assert grid.exchanges() == [(MessageType.TRAIN, r, False) for r in (1, 2, 3)]
+    assert all(r["evaluate"] == {} for r in _history(run_dir))
+    assert all("evaluate" not in v for r in _history(run_dir) for v in r["instances"].values())
+
+
+@pytest.mark.parametrize(
+    ("other", "why"),
+    [
+        ({"secure_aggregation": True, "max_weight_share": 1.0}, "secure-aggregation = true"),
+        ({"fraction_train": 0.0}, "fraction-train = 0"),
+        ({"dp": "local", "dp_target_epsilon": 8.0}, "dp = 'local' and a dp-target-epsilon"),
+    ],
+)
+def test_refused_where_scores_would_be_lost(other: dict, why: str) -> None:
+    with pytest.raises(
+        ConfigError, match=f"'evaluate-on-receipt' = True: expected false with {why}"
+    ):
+        Settings(evaluate_on_receipt=True, **other)
+    Settings(evaluate_on_receipt=False, **other)  # fine without it
 
 
 def test_simulation_run_has_one_phase_a_round(simulation: FlwrHome, tmp_path: Path) -> None:
