@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest
 from sigmax_fl import cli, compare
 from sigmax_fl.data import parse_sources
 from sigmax_fl.dataset import Recipe
-from sigmax_fl.deploy.flwr_cli import FlwrHome, start_superlink
+from sigmax_fl.deploy.flwr_cli import FINISHED_OK, FlwrHome, start_superlink
 from sigmax_fl.deploy.processes import Supervisor
 from sigmax_fl.settings import Settings
 
@@ -47,6 +48,23 @@ def simulation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FlwrHome]:
         home.add_connection("sim", link.address)
         yield home
     assert supervisor.remaining() == [], "processes left behind"
+
+
+def simulate(home: FlwrHome, run_config: dict, instances: int) -> int:
+    """Run the app on the ``simulation`` fixture's SuperLink, one SuperNode per instance.
+
+    Requires the run to have completed (``flwr run`` exits 0 on a failed run) and returns its id.
+    """
+    run_id = home.run_app(
+        ROOT,
+        "sim",
+        run_config=run_config,
+        federation_config={"num-supernodes": instances},
+        sink=io.StringIO(),
+        timeout=300,
+    )
+    assert home.run_status(run_id, "sim") == FINISHED_OK
+    return run_id
 
 
 SMALL_COMPARE = ("--rounds", "2", "--local-epochs", "1", "--seeds", "2", "--bootstrap", "100")

@@ -35,12 +35,12 @@ from sigmax_fl.codec import (
     encode_update,
     npy_array,
 )
-from sigmax_fl.deploy.flwr_cli import FINISHED_OK, FlwrHome
+from sigmax_fl.deploy.flwr_cli import FlwrHome
 from sigmax_fl.model import build_model
 from sigmax_fl.settings import ConfigError, Settings
 from sigmax_fl.strategy import META_KEY, Defences, WeightedFedAvg
 
-from .conftest import ROOT
+from .conftest import simulate
 
 
 @pytest.fixture(autouse=True)
@@ -300,18 +300,11 @@ def test_int8_simulation_sends_a_quarter_and_learns_as_float32(
 
     # Execute: int8 through Flower's simulation engine; float32, the reference, in process
     run_config = {**config, "run-name": "int8", "update-encoding": "int8"}
-    run_id = simulation.run_app(
-        ROOT,
-        "sim",
-        run_config=run_config,
-        federation_config={"num-supernodes": 3},
-        sink=io.StringIO(),
-        timeout=300,
-    )
+    simulate(simulation, run_config, 3)
     f32 = _in_process_run({**config, "run-name": "float32"}, 3, tmp_path)
 
-    # Assert: completed, every reply accepted, about a quarter of float32's bytes recorded
-    assert simulation.run_status(run_id, "sim") == FINISHED_OK
+    # Assert: completed (checked by simulate), every reply accepted, about a quarter of
+    # float32's bytes recorded
     history = json.loads((tmp_path / "int8" / "history.json").read_text())
     assert [r["train"]["replies-ok"] for r in history] == [3, 3]
     sizes = [i["train"]["bytes"] for r in history for i in r["instances"].values()]

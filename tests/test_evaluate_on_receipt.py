@@ -6,7 +6,6 @@ protobuf wire format, no network); the last test is one real Flower simulation r
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
@@ -18,11 +17,11 @@ from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.supercore.task_identity import TaskIdentity
 
 from sigmax_fl import attacks, client_app, runs, server_app
-from sigmax_fl.deploy.flwr_cli import FINISHED_OK, FlwrHome
+from sigmax_fl.deploy.flwr_cli import FlwrHome
 from sigmax_fl.settings import ConfigError, Settings
 from sigmax_fl.strategy import EVALUATE_RECEIVED_KEY
 
-from .conftest import ROOT
+from .conftest import simulate
 
 INSTANCES = ("coinbase-btc-usd-1d", "bitstamp-eth-usd-1d", "bitstamp-ltc-usd-1d")
 ON_RECEIPT = {"evaluate-on-receipt": True}
@@ -239,15 +238,7 @@ def test_refused_where_scores_would_be_lost(other: dict, why: str) -> None:
 
 def test_simulation_run_has_one_phase_a_round(simulation: FlwrHome, tmp_path: Path) -> None:
     config = {**_config(tmp_path, "sim"), **ON_RECEIPT, "num-server-rounds": 2}
-    run_id = simulation.run_app(
-        ROOT,
-        "sim",
-        run_config=config,
-        federation_config={"num-supernodes": len(INSTANCES)},
-        sink=io.StringIO(),
-        timeout=300,
-    )
-    assert simulation.run_status(run_id, "sim") == FINISHED_OK
+    simulate(simulation, config, len(INSTANCES))
     history = json.loads((tmp_path / "outputs" / "sim" / runs.HISTORY_JSON).read_text())
     assert [r["round"] for r in history] == [1, 2]
     for record in history:

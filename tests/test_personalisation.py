@@ -7,7 +7,6 @@ simulation run.
 
 from __future__ import annotations
 
-import io
 import itertools
 import json
 from pathlib import Path
@@ -22,12 +21,12 @@ from flwr.supercore.task_identity import TaskIdentity
 from sigmax_fl import attacks, client_app, personal, runs, server_app, task
 from sigmax_fl.data import parse_sources
 from sigmax_fl.dataset import Recipe, load_instance
-from sigmax_fl.deploy.flwr_cli import FINISHED_OK, FlwrHome
+from sigmax_fl.deploy.flwr_cli import FlwrHome
 from sigmax_fl.model import MODELS, TradingModel, build_model, head_keys, register
 from sigmax_fl.settings import ConfigError, Settings
 from sigmax_fl.strategy import META_KEY
 
-from .conftest import ROOT
+from .conftest import simulate
 
 INSTANCES = ("bitstamp-eth-usd-1d", "bitstamp-ltc-usd-1d")
 HEAD = ("net.4.weight", "net.4.bias")
@@ -313,15 +312,7 @@ def test_fine_tune_changes_what_is_evaluated_but_not_the_global_model(tmp_path: 
 def test_simulation_run_keeps_heads_on_the_instances(simulation: FlwrHome, tmp_path: Path) -> None:
     config = {**_config(tmp_path, "sim-local-head", **{"use-case": "multi-strategy"})}
     config["num-server-rounds"] = 2
-    run_id = simulation.run_app(
-        ROOT,
-        "sim",
-        run_config=config,
-        federation_config={"num-supernodes": len(INSTANCES)},
-        sink=io.StringIO(),
-        timeout=300,
-    )
-    assert simulation.run_status(run_id, "sim") == FINISHED_OK
+    run_id = simulate(simulation, config, len(INSTANCES))
 
     settings = Settings.from_run_config(config)
     body = personal.shared_keys(settings)

@@ -3,7 +3,6 @@ scored with the volatility metrics, and trained end to end by the app with use-c
 
 from __future__ import annotations
 
-import io
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -16,7 +15,7 @@ import torch
 from sigmax_fl import task
 from sigmax_fl.data import resolve_source
 from sigmax_fl.dataset import Recipe, build
-from sigmax_fl.deploy.flwr_cli import FINISHED_OK, FlwrHome
+from sigmax_fl.deploy.flwr_cli import FlwrHome
 from sigmax_fl.features import make_features
 from sigmax_fl.model import build_model
 from sigmax_fl.settings import ConfigError, Settings
@@ -28,7 +27,7 @@ from sigmax_fl.targets import (
     trailing_volatility,
 )
 
-from .conftest import DEFAULT_INSTANCES, ROOT
+from .conftest import DEFAULT_INSTANCES, simulate
 
 Target = Callable[[pd.DataFrame, int], pd.Series]
 
@@ -152,23 +151,16 @@ def test_app_trains_the_volatility_model_with_use_case_risk(
     simulation: FlwrHome, tmp_path: Path
 ) -> None:
     outputs = tmp_path / "outputs"
-    run_id = simulation.run_app(
-        ROOT,
-        "sim",
-        run_config={
-            "use-case": "risk",
-            "num-server-rounds": 2,
-            "local-epochs": 1,
-            "data-sources": ",".join(DEFAULT_INSTANCES[2:]),
-            "outputs-dir": str(outputs),
-            "run-name": "risk",
-        },
-        federation_config={"num-supernodes": 2},
-        sink=io.StringIO(),
-        timeout=300,
-    )
+    config = {
+        "use-case": "risk",
+        "num-server-rounds": 2,
+        "local-epochs": 1,
+        "data-sources": ",".join(DEFAULT_INSTANCES[2:]),
+        "outputs-dir": str(outputs),
+        "run-name": "risk",
+    }
+    simulate(simulation, config, 2)
 
-    assert simulation.run_status(run_id, "sim") == FINISHED_OK
     run_dir = outputs / "risk"
     assert json.loads((run_dir / "run_config.json").read_text())["target"] == "volatility"
     history = json.loads((run_dir / "history.json").read_text())
