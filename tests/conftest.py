@@ -50,6 +50,19 @@ def simulation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FlwrHome]:
     assert supervisor.remaining() == [], "processes left behind"
 
 
+def small_run(tmp_path: Path, run_name: str, instances: tuple[str, ...], **extra: object) -> dict:
+    """Run config of a short run (3 rounds, 1 local epoch) on ``instances``, outputs in tmp_path."""
+    return {
+        "data-sources": ",".join(instances),
+        "num-server-rounds": 3,
+        "local-epochs": 1,
+        "min-available-nodes": len(instances),
+        "outputs-dir": str(tmp_path / "outputs"),
+        "run-name": run_name,
+        **extra,
+    }
+
+
 def simulate(home: FlwrHome, run_config: dict, instances: int) -> int:
     """Run the app on the ``simulation`` fixture's SuperLink, one SuperNode per instance.
 

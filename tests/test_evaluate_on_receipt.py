@@ -21,7 +21,7 @@ from sigmax_fl.deploy.flwr_cli import FlwrHome
 from sigmax_fl.settings import ConfigError, Settings
 from sigmax_fl.strategy import EVALUATE_RECEIVED_KEY
 
-from .conftest import simulate
+from .conftest import simulate, small_run
 
 INSTANCES = ("coinbase-btc-usd-1d", "bitstamp-eth-usd-1d", "bitstamp-ltc-usd-1d")
 ON_RECEIPT = {"evaluate-on-receipt": True}
@@ -83,15 +83,7 @@ class CountingGrid(attacks.LoopbackGrid):
 
 
 def _config(tmp_path: Path, run_name: str, **extra: object) -> dict:
-    return {
-        "data-sources": ",".join(INSTANCES),
-        "num-server-rounds": 3,
-        "local-epochs": 1,
-        "min-available-nodes": len(INSTANCES),
-        "outputs-dir": str(tmp_path / "outputs"),
-        "run-name": run_name,
-        **extra,
-    }
+    return small_run(tmp_path, run_name, INSTANCES, **extra)
 
 
 def _run(

@@ -26,22 +26,14 @@ from sigmax_fl.model import MODELS, TradingModel, build_model, head_keys, regist
 from sigmax_fl.settings import ConfigError, Settings
 from sigmax_fl.strategy import META_KEY
 
-from .conftest import simulate
+from .conftest import simulate, small_run
 
 INSTANCES = ("bitstamp-eth-usd-1d", "bitstamp-ltc-usd-1d")
 HEAD = ("net.4.weight", "net.4.bias")
 
 
 def _config(tmp_path: Path, run_name: str, **extra: object) -> dict:
-    return {
-        "data-sources": ",".join(INSTANCES),
-        "num-server-rounds": 3,
-        "local-epochs": 1,
-        "min-available-nodes": len(INSTANCES),
-        "outputs-dir": str(tmp_path / "outputs"),
-        "run-name": run_name,
-        **extra,
-    }
+    return small_run(tmp_path, run_name, INSTANCES, **extra)
 
 
 class RecordingGrid(attacks.LoopbackGrid):
