@@ -312,35 +312,11 @@ def engine_pass(nodes: int, in_flight: list[int]) -> list[dict]:
     registered nodes and ``k`` messages in flight (delivered, awaiting replies): the cost that
     grows as nodes x messages, and what the ServerApp's window (``sigmax_fl.exchange``) bounds.
     """
-    from typing import cast
-
     from flwr.app import ConfigRecord, Message, RecordDict
-    from flwr.server.superlink.fleet.vce.vce_api import _register_nodes
-    from flwr.server.superlink.linkstate import LinkStateFactory
-    from flwr.server.superlink.linkstate.in_memory_linkstate import (
-        InMemoryLinkState,
-        RunRecord,
-        Task,
-    )
-    from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME, NOOP_FEDERATION_ID
-    from flwr.supercore.object_store import ObjectStoreFactory
-    from flwr.supercore.run import Run
-    from flwr.supercore.task_identity import TaskIdentity
-    from flwr.superlink.federation import NoOpFederationManager
-    from flwr.superlink.grid import InMemoryGrid
 
-    factory = LinkStateFactory(
-        FLWR_IN_MEMORY_DB_NAME, NoOpFederationManager(), ObjectStoreFactory()
-    )
-    run = Run.create_empty(run_id=1)
-    run.primary_task_id, run.federation_id = 7, NOOP_FEDERATION_ID
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 7, 1, 1
-    state = cast(InMemoryLinkState, factory.state())
-    state.run_ids[1] = RunRecord(run=run)
-    state.task_store[7] = Task(task_id=7, run_id=1)
-    node_ids = list(_register_nodes(nodes, factory))
-    grid = InMemoryGrid(state_factory=factory)
-    grid.set_run(run)
+    from bench.inmemory import in_memory_federation
+
+    grid, state, node_ids = in_memory_federation(nodes)
     rows = []
     for k in in_flight:
         content = RecordDict({"config": ConfigRecord({"server-round": 1})})

@@ -9,24 +9,13 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
-from typing import cast
 
 import pytest
 from flwr.app import ConfigRecord, Message, RecordDict
-from flwr.server.superlink.fleet.vce.vce_api import _register_nodes
-from flwr.server.superlink.linkstate import LinkStateFactory
-from flwr.server.superlink.linkstate.in_memory_linkstate import (
-    InMemoryLinkState,
-    RunRecord,
-    Task,
-)
-from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME, NOOP_FEDERATION_ID
-from flwr.supercore.object_store import ObjectStoreFactory
-from flwr.supercore.run import Run
-from flwr.supercore.task_identity import TaskIdentity
-from flwr.superlink.federation import NoOpFederationManager
+from flwr.server.superlink.linkstate.in_memory_linkstate import InMemoryLinkState
 from flwr.superlink.grid import InMemoryGrid
 
+from bench.inmemory import in_memory_federation
 from sigmax_fl import exchange
 
 
@@ -57,18 +46,8 @@ class Nodes:
 @pytest.fixture
 def federation(request: pytest.FixtureRequest) -> Iterator[tuple[InMemoryGrid, Nodes]]:
     """An in-memory grid over ``request.param`` registered nodes, answered by a thread."""
-    factory = LinkStateFactory(
-        FLWR_IN_MEMORY_DB_NAME, NoOpFederationManager(), ObjectStoreFactory()
-    )
-    run = Run.create_empty(run_id=1)
-    run.primary_task_id, run.federation_id = 7, NOOP_FEDERATION_ID
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 7, 1, 1
-    state = cast(InMemoryLinkState, factory.state())
-    state.run_ids[1] = RunRecord(run=run)
-    state.task_store[7] = Task(task_id=7, run_id=1)
-    nodes = Nodes(state, list(_register_nodes(request.param, factory)), delay=0.001)
-    grid = InMemoryGrid(state_factory=factory)
-    grid.set_run(run)
+    grid, state, node_ids = in_memory_federation(request.param)
+    nodes = Nodes(state, node_ids, delay=0.001)
     nodes.thread.start()
     yield grid, nodes
     nodes.stop.set()
