@@ -34,7 +34,7 @@ import multiprocessing
 import time
 import zlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +117,10 @@ class Training:
             )
         if not self.learning_rates or min(self.learning_rates) <= 0:
             raise ValueError(f"learning rates must be positive, got {self.learning_rates}")
+
+    def record(self) -> dict[str, object]:
+        """These settings as every use case's compare.json records them under ``config``."""
+        return {**asdict(self), "learning_rates": list(self.learning_rates)}
 
 
 @dataclass(frozen=True)
@@ -664,20 +668,13 @@ def multi_market(
     trained = time.monotonic()
     scopes = build_scopes(markets, fits)
     horizon = request.recipe.horizon
-    t = request.training
     return {
         "use_case": use_case,
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "note": FEDERATION_NOTE,
         "config": {
             "data_sources": [s.instance_id for s in request.sources],
-            "rounds": t.rounds,
-            "local_epochs": t.local_epochs,
-            "batch_size": t.batch_size,
-            "learning_rates": list(t.learning_rates),
-            "optimizer": t.optimizer,
-            "model": t.model,
-            "max_weight_share": t.max_weight_share,
+            **request.training.record(),
             "scaler": request.scaler,
             "seeds": list(request.seeds),
             "cost_bps": request.cost_bps,

@@ -126,7 +126,6 @@ def risk(request: compare.Request) -> dict[str, Any]:
             market, bars, horizon
         )
     scopes = compare.build_scopes(markets, fits, naive)
-    t = request.training
     return {
         "use_case": "risk",
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -134,13 +133,7 @@ def risk(request: compare.Request) -> dict[str, Any]:
         "config": {
             "data_sources": [s.instance_id for s in request.sources],
             "target": recipe.target,
-            "rounds": t.rounds,
-            "local_epochs": t.local_epochs,
-            "batch_size": t.batch_size,
-            "learning_rates": list(t.learning_rates),
-            "optimizer": t.optimizer,
-            "model": t.model,
-            "max_weight_share": t.max_weight_share,
+            **request.training.record(),
             "seeds": list(request.seeds),
             "horizon": horizon,
             "train_end": recipe.train_end,
