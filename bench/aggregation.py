@@ -228,8 +228,8 @@ def _app_run(encoding: str, setup: object, out_dir: Path) -> dict[str, float]:
     from flwr.common.constant import SUPERLINK_NODE_ID
     from flwr.supercore.task_identity import TaskIdentity
 
-    from sigmax_fl import client_app, metrics, runs, server_app, task
-    from sigmax_fl.attacks import LoopbackGrid, node_ids
+    from sigmax_fl import metrics, runs, server_app, task
+    from sigmax_fl.attacks import LoopbackGrid, simulated_nodes
     from sigmax_fl.data import parse_sources
     from sigmax_fl.dataset import Recipe, load_instance
     from sigmax_fl.model import build_model
@@ -238,20 +238,7 @@ def _app_run(encoding: str, setup: object, out_dir: Path) -> dict[str, float]:
     run_id = 7000 + ("float32", "float16", "int8").index(encoding)
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = run_id, SUPERLINK_NODE_ID, 1
     run_config = {**setup.run_config(out_dir, encoding), "update-encoding": encoding}
-    nodes = {
-        node: (
-            client_app.app,
-            Context(
-                run_id,
-                node,
-                {"partition-id": i, "num-partitions": setup.instances},
-                RecordDict(),
-                dict(run_config),
-            ),
-        )
-        for i, node in enumerate(node_ids(setup.instances))
-    }
-    grid = LoopbackGrid(nodes, run_id)
+    grid = LoopbackGrid(simulated_nodes(run_config, run_id, setup.instances), run_id)
     started = time.monotonic()
     server_app.main(grid, Context(run_id, SUPERLINK_NODE_ID, {}, RecordDict(), dict(run_config)))
     seconds = time.monotonic() - started

@@ -39,7 +39,7 @@ import shutil
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -464,6 +464,34 @@ def node_ids(count: int) -> list[int]:
     return [int(x) for x in rng.integers(2**32, 2**63 - 1, size=count)]
 
 
+def simulated_nodes(
+    run_config: Mapping[str, Any],
+    run_id: int,
+    instances: int,
+    apps: Mapping[int, ClientApp | None] | None = None,
+) -> dict[int, tuple[ClientApp, Context]]:
+    """The nodes of a :class:`LoopbackGrid` federation, each as Flower's simulation makes it.
+
+    Node k (in :func:`node_ids` order) holds simulation partition k of ``instances``, its own
+    persistent state and a copy of the run config. It runs the app's ClientApp unless ``apps``
+    gives partition k another one, or None: that node is absent.
+    """
+    nodes: dict[int, tuple[ClientApp, Context]] = {}
+    for partition, node_id in enumerate(node_ids(instances)):
+        app = (apps or {}).get(partition, client_app.app)
+        if app is None:
+            continue
+        context = Context(
+            run_id=run_id,
+            node_id=node_id,
+            node_config={"partition-id": partition, "num-partitions": instances},
+            state=RecordDict(),
+            run_config=dict(run_config),
+        )
+        nodes[node_id] = (app, context)
+    return nodes
+
+
 def run_scenario(setup: Setup, attack_name: str, out_dir: Path) -> Scenario:
     """Run the app's ServerApp over a loopback grid with one hostile node; score the model."""
     attack = ATTACKS[attack_name]
@@ -477,20 +505,12 @@ def run_scenario(setup: Setup, attack_name: str, out_dir: Path) -> Scenario:
     if attack.absent:
         run_config["min-available-nodes"] = setup.instances - 1
 
-    nodes: dict[int, tuple[ClientApp, Context]] = {}
-    for partition, node_id in enumerate(node_ids(setup.instances)):
-        if attack.absent and partition == setup.attacker:
-            continue
-        hostile = partition == setup.attacker and attack.tamper is not None
-        context = Context(
-            run_id=run_id,
-            node_id=node_id,
-            node_config={"partition-id": partition, "num-partitions": setup.instances},
-            state=RecordDict(),
-            run_config=dict(run_config),
-        )
-        nodes[node_id] = (attacker_app(attack) if hostile else client_app.app, context)
-    grid = LoopbackGrid(nodes, run_id)
+    apps: dict[int, ClientApp | None] = {}
+    if attack.absent:
+        apps[setup.attacker] = None
+    elif attack.tamper is not None:
+        apps[setup.attacker] = attacker_app(attack)
+    grid = LoopbackGrid(simulated_nodes(run_config, run_id, setup.instances, apps), run_id)
     server_context = Context(run_id, SUPERLINK_NODE_ID, {}, RecordDict(), dict(run_config))
 
     started = time.monotonic()

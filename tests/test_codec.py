@@ -23,8 +23,8 @@ from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.common.serde import message_to_proto
 from flwr.supercore.task_identity import TaskIdentity
 
-from sigmax_fl import client_app, server_app
-from sigmax_fl.attacks import LoopbackGrid, node_ids
+from sigmax_fl import server_app
+from sigmax_fl.attacks import LoopbackGrid, simulated_nodes
 from sigmax_fl.codec import (
     BLOCK,
     ENCODING_KEY,
@@ -272,16 +272,8 @@ def _in_process_run(run_config: dict, instances: int, out: Path) -> dict[str, to
     """The app's ServerApp and ClientApps over Flower's message serialisation, in this process."""
     run_id = 4242
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = run_id, SUPERLINK_NODE_ID, 1
-    partitions = {"num-partitions": instances}
-    nodes = {
-        node: (
-            client_app.app,
-            Context(run_id, node, {"partition-id": i, **partitions}, RecordDict(), run_config),
-        )
-        for i, node in enumerate(node_ids(instances))
-    }
     context = Context(run_id, SUPERLINK_NODE_ID, {}, RecordDict(), dict(run_config))
-    server_app.main(LoopbackGrid(nodes, run_id), context)
+    server_app.main(LoopbackGrid(simulated_nodes(run_config, run_id, instances), run_id), context)
     return torch.load(out / run_config["run-name"] / "final_model.pt", weights_only=True)
 
 

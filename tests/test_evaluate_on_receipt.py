@@ -48,21 +48,8 @@ class CountingGrid(attacks.LoopbackGrid):
     """
 
     def __init__(self, run_config: dict, run_id: int, broken: dict[int, int] | None = None) -> None:
-        broken = broken or {}
-        nodes = {
-            node_id: (
-                _training_fails_in(broken[partition]) if partition in broken else client_app.app,
-                Context(
-                    run_id,
-                    node_id,
-                    {"partition-id": partition, "num-partitions": len(INSTANCES)},
-                    RecordDict(),
-                    dict(run_config),
-                ),
-            )
-            for partition, node_id in enumerate(attacks.node_ids(len(INSTANCES)))
-        }
-        super().__init__(nodes, run_id)
+        apps = {k: _training_fails_in(r) for k, r in (broken or {}).items()}
+        super().__init__(attacks.simulated_nodes(run_config, run_id, len(INSTANCES), apps), run_id)
         self.sent: list[tuple[str, int, bool]] = []
         """(message type, server round, whether the received model is to be scored)."""
 

@@ -18,7 +18,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.supercore.task_identity import TaskIdentity
 
-from sigmax_fl import attacks, client_app, personal, runs, server_app, task
+from sigmax_fl import attacks, personal, runs, server_app, task
 from sigmax_fl.data import parse_sources
 from sigmax_fl.dataset import Recipe, load_instance
 from sigmax_fl.deploy.flwr_cli import FlwrHome
@@ -40,17 +40,7 @@ class RecordingGrid(attacks.LoopbackGrid):
     """Records every message and reply as decoded from Flower's wire format."""
 
     def __init__(self, run_config: dict, run_id: int) -> None:
-        nodes = {}
-        for partition, node_id in enumerate(attacks.node_ids(len(INSTANCES))):
-            context = Context(
-                run_id=run_id,
-                node_id=node_id,
-                node_config={"partition-id": partition, "num-partitions": len(INSTANCES)},
-                state=RecordDict(),
-                run_config=dict(run_config),
-            )
-            nodes[node_id] = (client_app.app, context)
-        super().__init__(nodes, run_id)
+        super().__init__(attacks.simulated_nodes(run_config, run_id, len(INSTANCES)), run_id)
         self.settings = Settings.from_run_config(run_config)
         self.wire: list[tuple[str, list[str], list[str]]] = []
         """(message type, array names sent, array names in the reply)."""
