@@ -29,7 +29,7 @@ from flwr.clientapp import ClientApp
 
 from sigmax_fl import codec, personal, scaling, secagg, task
 from sigmax_fl.codec import as_numpy
-from sigmax_fl.data import parse_sources, source_for_node
+from sigmax_fl.data import simulation_sources, source_for_node
 from sigmax_fl.dataset import InstanceData, Recipe, default_cache_dir, load_instance
 from sigmax_fl.privacy import (
     dp_sgd_schedule,
@@ -90,7 +90,8 @@ def learning_rate(settings: Settings, context: Context, instance_id: str) -> flo
     node_config = context.node_config
     rates = settings.instance_learning_rate_map()
     if rates and "partition-id" in node_config:
-        known = {s.instance_id for s in parse_sources(settings.data_sources, settings.data_dir)}
+        sources = simulation_sources(settings.data_sources, settings.data_dir)
+        known = {s.instance_id for s in sources}
         if unknown := sorted(set(rates) - known - {instance_id}):
             raise ConfigError(
                 f"run-config 'instance-learning-rates' names {unknown}, which are not instances "

@@ -1,7 +1,7 @@
 """Market data in: exchange files (or synthetic venues) -> one canonical OHLCV frame, validated.
 
 Public names (other modules and users rely on them): :func:`load_ohlcv`, :class:`DataError`,
-:func:`resolve_source`, :func:`parse_sources`, :func:`source_for_node`,
+:func:`resolve_source`, :func:`parse_sources`, :func:`simulation_sources`, :func:`source_for_node`,
 :func:`source_digest`, :data:`BUNDLED`.
 """
 
@@ -12,6 +12,7 @@ from sigmax_fl.data.sources import (
     DataSource,
     parse_sources,
     resolve_source,
+    simulation_sources,
     source_digest,
     source_for_node,
 )
@@ -23,6 +24,7 @@ __all__ = [
     "load_ohlcv",
     "parse_sources",
     "resolve_source",
+    "simulation_sources",
     "source_digest",
     "source_for_node",
 ]

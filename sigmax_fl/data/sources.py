@@ -12,6 +12,7 @@ off as a real market.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from dataclasses import dataclass
@@ -201,7 +202,7 @@ def source_for_node(node_config: dict, data_sources: str, data_dir: str | Path =
         source = resolve_source(path, data_dir, venue=str(node_config.get("venue", "")))
         return _named(source, node_config)
     if "partition-id" in node_config:
-        sources = parse_sources(data_sources, data_dir)
+        sources = simulation_sources(data_sources, data_dir)
         partition, partitions = int(node_config["partition-id"]), int(node_config["num-partitions"])
         if partitions > len(sources):
             raise DataError(
@@ -217,6 +218,21 @@ def source_for_node(node_config: dict, data_sources: str, data_dir: str | Path =
         "and no simulation 'partition-id'",
         field="data-path",
     )
+
+
+def simulation_sources(data_sources: str, data_dir: str | Path = "") -> tuple[DataSource, ...]:
+    """The simulated instances: :func:`parse_sources`, once per process and run config.
+
+    A simulated node looks up its partition on every message, and parsing is linear in the
+    federation (about 5 ms for ``synthetic:1000``); the answer only changes with the run config
+    and the data directory the paths resolve against.
+    """
+    return _parsed(data_sources, resolve_data_dir(data_dir))
+
+
+@functools.lru_cache(maxsize=8)
+def _parsed(data_sources: str, data_dir: Path) -> tuple[DataSource, ...]:
+    return tuple(parse_sources(data_sources, data_dir))
 
 
 def _named(source: DataSource, node_config: dict) -> DataSource:
