@@ -30,6 +30,7 @@ import time
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -45,8 +46,10 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
 
+from sigmax_fl import fused
 from sigmax_fl.codec import (
     ENCODING_KEY,
+    FreshArrays,
     MalformedUpdateError,
     as_numpy,
     decode_update,
@@ -56,6 +59,7 @@ from sigmax_fl.privacy import add_gaussian_noise, secure_rng
 
 # A child of Flower's logger, so these lines reach `flwr log` and the run's stream.
 log = logging.getLogger(f"flwr.{__name__}")
+_R = TypeVar("_R", ArrayRecord, MetricRecord, ConfigRecord)
 
 WEIGHT_KEY = "num-examples"
 EPSILON_KEY = "dp-epsilon"
@@ -113,10 +117,25 @@ class Defences:
             )
 
 
+def _records(message: Message, kind: type[_R]) -> dict[str, _R]:
+    """The reply's records of one kind, as ``message.content.<kind>_records`` gives them.
+
+    Without building Flower's synced, type-checked view, which cost more than the one pass
+    over a 1M-parameter reply.
+    """
+    return {key: r for key, r in message.content.items() if isinstance(r, kind)}
+
+
+def _meta(message: Message) -> ConfigRecord | None:
+    """The sigmax-fl meta ConfigRecord of a reply, if it has one."""
+    meta = message.content.get(META_KEY)
+    return meta if isinstance(meta, ConfigRecord) else None
+
+
 def instance_id(message: Message) -> str:
     """The instance a reply speaks for: its own word, else Flower's node id."""
     if not message.has_error() and message.has_content():
-        meta = message.content.config_records.get(META_KEY)
+        meta = _meta(message)
         if meta is not None and isinstance(meta.get("instance-id"), str):
             return str(meta["instance-id"])
     return f"node-{message.metadata.src_node_id}"
@@ -175,7 +194,7 @@ def _metrics_of(message: Message, record: str = "") -> tuple[dict[str, float], s
     ``record`` names the MetricRecord to read; by default the reply must hold exactly one,
     except that a train reply may add the received model's scores (:data:`EVALUATION_KEY`).
     """
-    records = dict(message.content.metric_records)
+    records = _records(message, MetricRecord)
     if record:
         if record not in records:
             return {}, f"no MetricRecord '{record}'"
@@ -196,7 +215,7 @@ def _metrics_of(message: Message, record: str = "") -> tuple[dict[str, float], s
 
 def encoding_of(message: Message) -> str:
     """The update encoding a reply declares in its meta record; float32 weights if none."""
-    meta = message.content.config_records.get(META_KEY)
+    meta = _meta(message)
     value = meta.get(ENCODING_KEY, "float32") if meta is not None else "float32"
     return str(value)
 
@@ -223,7 +242,7 @@ def screen_train_reply(
         return verdict
     verdict.metrics = metrics
     verdict.num_examples = int(metrics[WEIGHT_KEY])
-    records = message.content.array_records
+    records = _records(message, ArrayRecord)
     if len(records) != 1:
         verdict.reason = f"expected one ArrayRecord, got {len(records)}"
         return verdict
@@ -288,6 +307,10 @@ def norms_and_average(
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Update norms ||w_k - w_global|| and the average sum_k weight_k w_k, in one pass.
 
+    A float32 model of at least ``fused.MIN_PARAMS`` parameters goes through the C loop of
+    :mod:`sigmax_fl.fused` where it could be built (each value read once for both); smaller
+    models, or no compiler, take the torch pass below, within the same float32 rounding.
+
     Aggregation is memory-bound: each reply is read from RAM once, in blocks of
     :data:`PASS_BLOCK` values; its block's delta to the global model (``w_k - w_global``,
     written into a buffer that stays in cache) feeds both the norm (``vector_norm``) and the
@@ -298,17 +321,18 @@ def norms_and_average(
     keeps the result within about one float32 ulp of the float64 average; the norms are
     within 1e-5 relative of float64 ones (float32 blocks, float64 across blocks).
 
-    ``out``, float32 arrays of the reference's shapes, receives the average: a caller that
-    averages every round passes the same ones, already in memory, instead of fresh pages
-    (first touches of fresh pages cost about as much as the pass itself here).
+    ``out``, C-ordered float32 arrays of the reference's shapes, receives the average: the
+    strategy passes the new global model's own npy bytes (:class:`~sigmax_fl.codec.FreshArrays`).
     """
+    if out is None:
+        out = {name: np.empty(ref.shape, dtype=np.float32) for name, ref in reference.items()}
+    if fused.applies(reference):
+        return fused.norms_and_average(models, reference, weights, out), out
     with warnings.catch_warnings():
         # The views are read-only (npy bytes); torch warns since it cannot mark them so.
         warnings.simplefilter("ignore", UserWarning)
         g = {name: torch.from_numpy(ref.reshape(-1)) for name, ref in reference.items()}
         xs = {name: [torch.from_numpy(m[name].reshape(-1)) for m in models] for name in g}
-    if out is None:
-        out = {name: np.empty(ref.shape, dtype=np.float32) for name, ref in reference.items()}
     results = {name: torch.from_numpy(a.reshape(-1)) for name, a in out.items()}
     jobs = [(name, start) for name, t in g.items() for start in range(0, t.numel(), PASS_BLOCK)]
     norms = np.zeros((len(jobs), len(models)))
@@ -537,7 +561,6 @@ class WeightedFedAvg(FedAvg):
         self.last_train: list[Screened] = []
         self.last_evaluate: list[Screened] = []
         self.last_sent_bytes = 0
-        self._buffers: dict[str, np.ndarray] = {}
 
     def _sample(self, grid: Grid, fraction: float, minimum: int) -> list[int]:
         """Wait (bounded) for enough nodes, then sample ``fraction``, at least ``minimum``."""
@@ -571,6 +594,7 @@ class WeightedFedAvg(FedAvg):
     ) -> Iterable[Message]:
         # Remember what was sent: replies are checked against exactly this model.
         self._sent = arrays
+        fused.prepare({name: a.shape for name, a in arrays.items()})
         if self.fraction_train == 0.0:
             return []
         nodes = self._sample(grid, self.fraction_train, self.min_train_nodes)
@@ -623,9 +647,13 @@ class WeightedFedAvg(FedAvg):
         for s in screened:
             if not s.ok:
                 _reject(s, s.reason, server_round)
-        averaged = self._average_all_good(screened, sent)
+        # The float32 average is written straight into the new global model's npy bytes.
+        fresh = None
+        if all(a.dtype == np.float32 for a in sent.values()):
+            fresh = FreshArrays({name: a.shape for name, a in sent.items()})
+        averaged = self._average_all_good(screened, sent, fresh)
         if averaged is None:
-            averaged = self._screen_and_average(screened, sent, server_round)
+            averaged = self._screen_and_average(screened, sent, server_round, fresh)
         accepted = [s for s in screened if s.ok]
         counts = {
             "replies-ok": len(accepted),
@@ -644,16 +672,19 @@ class WeightedFedAvg(FedAvg):
             return None, MetricRecord({**counts, "bytes-received": received})
         if self.noise_std > 0:
             averaged = add_gaussian_noise(averaged, self.noise_std, self._noise_rng)
-        arrays = ArrayRecord(
-            {name: npy_array(averaged[name], ref.dtype) for name, ref in self._sent.items()}
-        )
+        if fresh is not None and averaged is fresh.values:
+            arrays = fresh.record()
+        else:
+            arrays = ArrayRecord(
+                {name: npy_array(averaged[name], ref.dtype) for name, ref in self._sent.items()}
+            )
         for s in accepted:
             s.arrays = {}  # the views pin reply buffers; the average no longer needs them
         metrics = {**weighted_metrics(accepted), **counts, "bytes-received": received}
         return arrays, MetricRecord(metrics)
 
     def _average_all_good(
-        self, screened: list[Screened], sent: dict[str, np.ndarray]
+        self, screened: list[Screened], sent: dict[str, np.ndarray], out: FreshArrays | None
     ) -> dict[str, np.ndarray] | None:
         """The common round, in one pass over the replies; None when it is not that round.
 
@@ -667,15 +698,15 @@ class WeightedFedAvg(FedAvg):
         d = self.defences
         accepted = [s for s in screened if s.ok]
         if (
-            d.aggregation != "weighted-fedavg"
+            out is None
+            or d.aggregation != "weighted-fedavg"
             or len(accepted) < max(d.min_train_replies, 1)
             or any(s.num_examples > d.max_examples_per_node for s in accepted)
-            or any(a.dtype != np.float32 for a in sent.values())
         ):
             return None
         shares = capped_shares([s.num_examples for s in accepted], d.max_weight_share)
         models = [s.arrays for s in accepted]
-        norms, averaged = norms_and_average(models, sent, shares, self._result_buffers(sent))
+        norms, averaged = norms_and_average(models, sent, shares, out.values)
         # Float32 norms are within ~1e-5 of the float64 ones: a norm that close to the bound is
         # decided by the exact path, as the bound is DP's sensitivity under central DP.
         bound = norm_bound(list(norms), d) * (1 - NORM_MARGIN)
@@ -685,22 +716,15 @@ class WeightedFedAvg(FedAvg):
             s.update_norm, s.weight = float(norm), float(share)
         return averaged
 
-    def _result_buffers(self, sent: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """The float32 arrays the one pass writes the average into, the same every round.
-
-        Safe to reuse: :meth:`aggregate_train` copies the average into the returned
-        ArrayRecord before it returns.
-        """
-        if {k: v.shape for k, v in self._buffers.items()} != {k: v.shape for k, v in sent.items()}:
-            self._buffers = {k: np.empty(v.shape, dtype=np.float32) for k, v in sent.items()}
-        return self._buffers
-
     def _screen_and_average(
-        self, screened: list[Screened], sent: dict[str, np.ndarray], server_round: int
+        self,
+        screened: list[Screened],
+        sent: dict[str, np.ndarray],
+        server_round: int,
+        out: FreshArrays | None,
     ) -> dict[str, np.ndarray] | None:
         """Every check one after the other, norms in float64; None if too few replies are left."""
         d = self.defences
-        fast = all(a.dtype == np.float32 for a in sent.values())
         for s in screened:
             if not s.ok:
                 continue  # rejected (and logged) by the structural screening
@@ -739,12 +763,12 @@ class WeightedFedAvg(FedAvg):
             strict=True,
         ):
             s.weight = float(share)
-        if d.aggregation == "weighted-fedavg" and all(s.clip == 1 for s in accepted) and fast:
+        plain = d.aggregation == "weighted-fedavg" and all(s.clip == 1 for s in accepted)
+        if plain and out is not None:
             # The one-pass round's arithmetic: the same replies give the same model, bit for bit,
             # whether or not another reply made this round take the long way.
             weights = [s.weight for s in accepted]
-            out = self._result_buffers(sent)
-            return norms_and_average([s.arrays for s in accepted], sent, weights, out)[1]
+            return norms_and_average([s.arrays for s in accepted], sent, weights, out.values)[1]
         return aggregate(accepted, reference, d)
 
     def aggregate_evaluate(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import shutil
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRec
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.task_identity import TaskIdentity
 
+from sigmax_fl import fused
 from sigmax_fl.strategy import (
     META_KEY,
     Defences,
@@ -20,6 +22,18 @@ from sigmax_fl.strategy import (
 )
 
 SHAPES = {"w": (3, 2), "b": (2,)}
+
+
+@pytest.fixture(params=["torch", "fused"])
+def one_pass(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The one pass of a round, in torch or in the C kernel (as for a large model)."""
+    if request.param == "fused":
+        if shutil.which("cc") is None:
+            pytest.skip("no C compiler here: the kernel is not built")
+        monkeypatch.setattr(fused, "MIN_PARAMS", 0)
+    else:
+        monkeypatch.setattr(fused, "MIN_PARAMS", 1 << 40)
+    return request.param
 
 
 @pytest.fixture(autouse=True)
@@ -361,7 +375,7 @@ def _big_round(replies: int, sizes: dict[str, tuple[int, ...]], bad: int | None 
     return [glob, out]
 
 
-def test_one_pass_average_equals_float64_reference() -> None:
+def test_one_pass_average_equals_float64_reference(one_pass: str) -> None:
     # Prepare: several blocks of the one pass per array, ragged last block, 10 replies
     glob, replies = _big_round(10, {"w": (300, 701), "b": (5,)})
 
@@ -381,7 +395,7 @@ def test_one_pass_average_equals_float64_reference() -> None:
         assert s.update_norm == pytest.approx(exact, rel=1e-5)
 
 
-def test_long_way_round_gives_the_same_model_bit_for_bit() -> None:
+def test_long_way_round_gives_the_same_model_bit_for_bit(one_pass: str) -> None:
     # A NaN reply makes the round take the exact path; the others must average as if it
     # had never been sent (the attack test's bit-identity rests on this)
     glob, replies = _big_round(6, {"w": (200, 400), "b": (7,)}, bad=2)

@@ -1,0 +1,280 @@
+"""The aggregation pass as one fused C loop, compiled on this machine the first time it is needed.
+
+Why: averaging is memory-bound only if every reply value is read once and used for everything
+while it is in a register. With torch ops, each value goes through three ops (delta, its
+square for the norm, its weighted sum), each a separate sweep through the caches, and a large
+model's pass ran at 2-3x the time it takes to read the replies. Here one loop reads
+``w_k - w_global`` once and feeds the squared norm and the weighted sum from it, eight replies
+at a time per register tile, :data:`THREADS` threads over disjoint runs of tiles (ctypes
+releases the GIL).
+
+The source below travels inside the package (so inside Flower's FAB); ``cc`` (or ``$CC``)
+builds it into a private temporary directory once per process, and only for models of at
+least :data:`MIN_PARAMS` parameters, where a pass takes milliseconds. No compiler, or a failed
+build, is logged once and leaves :func:`sigmax_fl.strategy.norms_and_average`'s torch pass in
+use; ``SIGMAX_FL_FUSED=0`` in the environment forbids building altogether.
+
+Arithmetic (fixed by the source, so the same on every machine; ``-ffp-contract=off``):
+per value, ``d_k = w_k - w_global`` and ``w_global + sum_k weight_k * d_k`` summed in
+reply order in float32, each product and sum rounded on its own; per tile of :data:`TILE`
+values, each reply's sum of ``d_k^2`` over 8 float32 lanes, then the tiles' sums in float64.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+import math
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(f"flwr.{__name__}")
+
+MIN_PARAMS = 1 << 18
+"""Models smaller than this keep the torch pass: it takes well under a millisecond there, less
+than building the kernel costs once (about 0.2 s)."""
+TILE = 8192
+"""Values per tile: its float32 running sums (32 KiB) stay in the L1 cache while eight replies
+are added in."""
+ENV_SWITCH = "SIGMAX_FL_FUSED"
+THREADS = max(1, min(8, os.cpu_count() or 1))
+"""Threads of a pass: each core adds its share of memory bandwidth; a few saturate it."""
+
+SOURCE = r"""
+#include <stdint.h>
+
+#define TILE %(tile)d
+#define GROUP 8
+typedef float v8 __attribute__((vector_size(32)));
+typedef float v8u __attribute__((vector_size(32), aligned(4)));
+#define LD(p) (*(const v8u *)(p))
+#define ST(p, v) (*(v8u *)(p) = (v))
+
+/* Values [s, s + m) of one array: out = g + sum_k w[k] (x_k - g); sq[k] = sum (x_k - g)^2. */
+static void tile_pass(const float *const *xs, int64_t replies, const float *g, const float *w,
+                      float *out, double *sq, int64_t s, int64_t m)
+{
+    v8 acc[TILE / 8];
+    float *accf = (float *)acc;
+    const int64_t mv = m / 32 * 32;
+    const float *gs = g + s;
+    for (int64_t k0 = 0; k0 < replies; k0 += GROUP) {
+        const int64_t kn = replies - k0 < GROUP ? replies - k0 : GROUP;
+        const int first = k0 == 0, last = k0 + kn == replies;
+        v8 lanes[GROUP];
+        float tail[GROUP];
+        for (int64_t k = 0; k < kn; k++) {
+            lanes[k] = (v8){0};
+            tail[k] = 0.0f;
+        }
+        for (int64_t i = 0; i < mv; i += 32) {
+            const v8 g0 = LD(gs + i), g1 = LD(gs + i + 8);
+            const v8 g2 = LD(gs + i + 16), g3 = LD(gs + i + 24);
+            v8 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+            if (!first) {
+                a0 = acc[i / 8]; a1 = acc[i / 8 + 1]; a2 = acc[i / 8 + 2]; a3 = acc[i / 8 + 3];
+            }
+            for (int64_t k = 0; k < kn; k++) {
+                const float *x = xs[k0 + k] + s + i;
+                const float wk = w[k0 + k];
+                const v8 d0 = LD(x) - g0, d1 = LD(x + 8) - g1;
+                const v8 d2 = LD(x + 16) - g2, d3 = LD(x + 24) - g3;
+                lanes[k] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3);
+                a0 += wk * d0; a1 += wk * d1; a2 += wk * d2; a3 += wk * d3;
+            }
+            if (last) {
+                float *o = out + s + i;
+                ST(o, g0 + a0); ST(o + 8, g1 + a1); ST(o + 16, g2 + a2); ST(o + 24, g3 + a3);
+            } else {
+                acc[i / 8] = a0; acc[i / 8 + 1] = a1; acc[i / 8 + 2] = a2; acc[i / 8 + 3] = a3;
+            }
+        }
+        for (int64_t i = mv; i < m; i++) {
+            float a = first ? 0.0f : accf[i];
+            for (int64_t k = 0; k < kn; k++) {
+                const float d = xs[k0 + k][s + i] - gs[i];
+                tail[k] += d * d;
+                a += w[k0 + k] * d;
+            }
+            if (last) out[s + i] = gs[i] + a; else accf[i] = a;
+        }
+        for (int64_t k = 0; k < kn; k++) {
+            double t = tail[k];
+            for (int j = 0; j < 8; j++) t += lanes[k][j];
+            sq[k0 + k] = t;
+        }
+    }
+}
+
+/* Tiles [t0, t1) of all arrays, numbered array after array; row t of sq gets tile t's sums.
+   xs holds arrays x replies pointers, array by array. */
+void sigmax_fused_pass(int64_t arrays, int64_t replies, const float *const *xs,
+                       const float *const *gs, float *const *outs, const int64_t *lens,
+                       const float *w, double *sq, int64_t t0, int64_t t1)
+{
+    int64_t first = 0; /* number of this array's first tile */
+    for (int64_t a = 0; a < arrays && first < t1; a++) {
+        const int64_t tiles = (lens[a] + TILE - 1) / TILE;
+        for (int64_t t = t0 > first ? t0 - first : 0; t < tiles && first + t < t1; t++) {
+            const int64_t s = t * TILE, m = lens[a] - s < TILE ? lens[a] - s : TILE;
+            double *row = sq + (first + t) * replies;
+            tile_pass(xs + a * replies, replies, gs[a], w, outs[a], row, s, m);
+        }
+        first += tiles;
+    }
+}
+"""
+
+_FLAGS = ("-O3", "-ffp-contract=off", "-shared", "-fPIC")
+_P = ctypes.c_void_p
+_I = ctypes.c_int64
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The built kernel, or None (logged once) where it cannot be built or is switched off."""
+    if os.environ.get(ENV_SWITCH, "1").strip().lower() in {"0", "off", "false", "no"}:
+        log.info("fused aggregation kernel off (%s); using the torch pass", ENV_SWITCH)
+        return None
+    compiler = os.environ.get("CC") or "cc"
+    if shutil.which(compiler) is None:
+        log.warning(
+            "no C compiler '%s' (set CC): aggregation of large models uses the slower torch pass",
+            compiler,
+        )
+        return None
+    try:
+        kernel, problem = _build(compiler)
+    except OSError as err:  # no writable temporary directory, or one mounted noexec
+        kernel, problem = None, str(err)
+    if kernel is None:
+        log.warning(
+            "could not build the fused aggregation kernel with '%s' (%s): using the torch pass",
+            compiler,
+            problem,
+        )
+    return kernel
+
+
+def _build(compiler: str) -> tuple[ctypes.CDLL | None, str]:
+    """Compile and load the kernel; None and the compiler's last line if it fails."""
+    with tempfile.TemporaryDirectory(prefix="sigmax-fl-kernel-", ignore_cleanup_errors=True) as d:
+        src, lib = Path(d) / "fused.c", Path(d) / "fused.so"
+        src.write_text(SOURCE % {"tile": TILE})
+        problem = ""
+        # -march=native first (AVX2 / AVX-512 here); some compilers and targets refuse it.
+        for extra in (("-march=native",), ()):
+            try:
+                built = subprocess.run(
+                    [compiler, *_FLAGS, *extra, "-o", str(lib), str(src)],
+                    capture_output=True,
+                    text=True,
+                    timeout=120,
+                )
+            except (OSError, subprocess.TimeoutExpired) as err:
+                problem = str(err)
+                continue
+            if built.returncode == 0:
+                kernel = ctypes.CDLL(str(lib))  # mapped now: the file may go with the directory
+                fn = kernel.sigmax_fused_pass
+                fn.argtypes = [_I, _I, _P, _P, _P, _P, _P, _P, _I, _I]
+                fn.restype = None
+                return kernel, ""
+            problem = (built.stderr.strip().splitlines() or ["no output"])[-1]
+    return None, problem
+
+
+def prepare(shapes: Mapping[str, tuple[int, ...]]) -> None:
+    """Ready this process to average a model of these shapes, before its first round.
+
+    For a model of at least :data:`MIN_PARAMS` parameters: build the kernel now rather than
+    inside a round, and keep freed memory for reuse (:func:`_keep_freed_memory`).
+    """
+    if sum(math.prod(shape) for shape in shapes.values()) < MIN_PARAMS:
+        return
+    library()
+    _keep_freed_memory()
+
+
+@functools.cache
+def _keep_freed_memory() -> None:
+    """Let glibc keep up to 512 MiB of freed memory, and serve blocks up to 32 MiB from it.
+
+    Each round the server frees the replies and the previous global model and allocates as
+    much again. By default glibc returns large freed blocks to the kernel, so the next round
+    writes into never-touched pages: a page fault per 4 KiB, about 14 ms for a 10M-parameter
+    result here, more than the whole averaging pass. The cost is a resident size that stays at
+    its high-water mark (plus at most 512 MiB). Not glibc: nothing to do.
+    """
+    libc = ctypes.CDLL(None)
+    mallopt = getattr(libc, "mallopt", None)
+    if mallopt is None:
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+    mallopt(m_mmap_threshold, 32 << 20)
+    mallopt(m_trim_threshold, 512 << 20)
+
+
+def applies(reference: Mapping[str, np.ndarray]) -> bool:
+    """Whether this model's pass runs in the kernel: float32, large, and the kernel builds."""
+    return (
+        all(a.dtype == np.float32 for a in reference.values())
+        and sum(a.size for a in reference.values()) >= MIN_PARAMS
+        and library() is not None
+    )
+
+
+def norms_and_average(
+    models: Sequence[Mapping[str, np.ndarray]],
+    reference: Mapping[str, np.ndarray],
+    weights: Sequence[float],
+    out: Mapping[str, np.ndarray],
+    threads: int = THREADS,
+) -> np.ndarray:
+    """The update norms ``||models[k] - reference||``; the average goes into ``out``.
+
+    ``out`` receives ``reference + sum_k weights[k] (models[k] - reference)``. Call only
+    where :func:`applies`. ``threads`` parts take contiguous runs of tiles; the result does not
+    depend on their number (each tile's sums have their own row).
+    """
+    kernel = library()
+    if kernel is None:
+        raise RuntimeError("fused.norms_and_average called where the kernel does not apply")
+    names = list(reference)
+    replies = len(models)
+    # C-ordered float32, as the kernel reads them: a no-op for npy views, a copy otherwise
+    # (an npy reply may be in Fortran order); kept here so that they outlive the call.
+    inputs = [np.ascontiguousarray(m[n], dtype=np.float32) for n in names for m in models]
+    inputs += [np.ascontiguousarray(reference[n], dtype=np.float32) for n in names]
+    for n in names:
+        if out[n].dtype != np.float32 or not out[n].flags.c_contiguous:
+            raise ValueError(f"out['{n}'] must be C-ordered float32, got {out[n].dtype}")
+    lens = np.array([reference[n].size for n in names], dtype=np.int64)
+    xs = np.array([a.ctypes.data for a in inputs[: len(names) * replies]], dtype=np.uintp)
+    gs = np.array([a.ctypes.data for a in inputs[len(names) * replies :]], dtype=np.uintp)
+    outs = np.array([out[n].ctypes.data for n in names], dtype=np.uintp)
+    w = np.asarray(weights, dtype=np.float32)
+    tiles = int(((lens + TILE - 1) // TILE).sum())
+    sq = np.zeros((tiles, replies), dtype=np.float64)
+    args = (len(names), replies, xs.ctypes.data, gs.ctypes.data, outs.ctypes.data)
+    args += (lens.ctypes.data, w.ctypes.data, sq.ctypes.data)
+    parts = max(1, min(threads, tiles))
+    bounds = [tiles * p // parts for p in range(parts + 1)]
+    helpers = [
+        threading.Thread(target=kernel.sigmax_fused_pass, args=(*args, bounds[p], bounds[p + 1]))
+        for p in range(1, parts)
+    ]
+    for t in helpers:
+        t.start()
+    kernel.sigmax_fused_pass(*args, bounds[0], bounds[1])
+    for t in helpers:
+        t.join()
+    return np.sqrt(sq.sum(axis=0))

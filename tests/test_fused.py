@@ -1,0 +1,226 @@
+"""The fused C aggregation pass: built with this machine's compiler, checked against float64."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common.serde import message_from_proto, message_to_proto
+from flwr.supercore.task_identity import TaskIdentity
+
+from sigmax_fl import fused, strategy
+from sigmax_fl.codec import FreshArrays, as_numpy
+
+# Sizes around the kernel's edges: below one 32-value step, ragged steps, ragged tiles.
+ATOL = 4e-9
+"""Float32 rounding of the deltas (about 0.01-0.04 here, ulp 1.9e-9) and of their sum: the
+torch pass needs 2.3e-9 on the large-model case below, the kernel 2.7e-9 (it rounds every
+product and every sum on its own)."""
+SHAPES = {"w1": (3, fused.TILE // 3 + 7), "b1": (31,), "w2": (fused.TILE + 33,), "b2": (1,)}
+
+
+@pytest.fixture
+def kernel() -> None:
+    if shutil.which("cc") is None:
+        pytest.skip("no C compiler here: the kernel is not built, the torch pass is used")
+    assert fused.library() is not None, "cc is present but the kernel did not build"
+
+
+@pytest.fixture
+def fresh_library() -> Iterator[None]:
+    """Build state is per process (cached); a test that changes how it builds starts afresh."""
+    fused.library.cache_clear()
+    yield
+    fused.library.cache_clear()
+
+
+def models(
+    replies: int, seed: int = 0
+) -> tuple[dict[str, np.ndarray], list[dict[str, np.ndarray]], np.ndarray]:
+    rng = np.random.default_rng(seed)
+    glob = {k: rng.normal(0, 0.1, s).astype(np.float32) for k, s in SHAPES.items()}
+    ms = [
+        {k: v + rng.normal(0, 0.01, v.shape).astype(np.float32) for k, v in glob.items()}
+        for _ in range(replies)
+    ]
+    weights = rng.random(replies)
+    return glob, ms, weights / weights.sum()
+
+
+def float64_average(glob, ms, weights) -> dict[str, np.ndarray]:
+    pairs = list(zip(weights, ms, strict=True))
+    return {
+        k: g + sum(w * (m[k].astype(np.float64) - g) for w, m in pairs) for k, g in glob.items()
+    }
+
+
+def run(glob, ms, weights, threads: int = 2) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    out = {k: np.empty(v.shape, np.float32) for k, v in glob.items()}
+    return fused.norms_and_average(ms, glob, list(weights), out, threads=threads), out
+
+
+@pytest.mark.parametrize("replies", [1, 3, 8, 9, 17])
+def test_average_and_norms_equal_float64(kernel: None, replies: int) -> None:
+    # Prepare: 1 reply, less than one group of 8, exactly one, one more, two groups and a bit
+    glob, ms, weights = models(replies)
+
+    # Execute
+    norms, out = run(glob, ms, weights)
+
+    # Assert: within float32 rounding of the float64 mean, norms to 1e-6
+    for name, expected in float64_average(glob, ms, weights).items():
+        np.testing.assert_allclose(out[name], expected, rtol=2**-23, atol=ATOL)
+    exact = [
+        np.sqrt(sum(((m[k].astype(np.float64) - glob[k]) ** 2).sum() for k in glob)) for m in ms
+    ]
+    np.testing.assert_allclose(norms, exact, rtol=1e-6)
+
+
+def test_arithmetic_is_the_documented_float32_sequence(kernel: None) -> None:
+    # Bit for bit: g + (((w0 d0) + w1 d1) + ...), every operation rounded to float32
+    glob, ms, weights = models(11, seed=7)
+    _, out = run(glob, ms, weights)
+    w32 = np.asarray(weights, dtype=np.float32)
+    for name, g in glob.items():
+        acc = w32[0] * (ms[0][name] - g)
+        for w, m in zip(w32[1:], ms[1:], strict=True):
+            acc = acc + w * (m[name] - g)
+        assert out[name].tobytes() == (g + acc).tobytes()
+
+
+def test_threads_do_not_change_a_bit(kernel: None) -> None:
+    glob, ms, weights = models(10, seed=1)
+    results = [run(glob, ms, weights, threads=t) for t in (1, 2, 3)]
+    for norms, out in results[1:]:
+        assert norms.tobytes() == results[0][0].tobytes()
+        for name in glob:
+            assert out[name].tobytes() == results[0][1][name].tobytes()
+
+
+def test_agrees_with_the_torch_pass(kernel: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    glob, ms, weights = models(10, seed=2)
+    norms, out = run(glob, ms, weights)
+    monkeypatch.setattr(fused, "MIN_PARAMS", 1 << 40)  # too large for the kernel: torch's pass
+    torch_norms, torch_out = strategy.norms_and_average(ms, glob, list(weights))
+    np.testing.assert_allclose(norms, torch_norms, rtol=1e-5)
+    for name in glob:
+        np.testing.assert_allclose(out[name], torch_out[name], rtol=2**-22, atol=4e-9)
+
+
+def test_a_non_finite_value_shows_in_its_norm_only(kernel: None) -> None:
+    # The strategy relies on this to send such a round down the exact path
+    glob, ms, weights = models(9, seed=3)
+    ms[4]["w2"][fused.TILE + 5] = np.inf
+    ms[8]["b1"][30] = np.nan
+    norms, _ = run(glob, ms, weights)
+    assert not np.isfinite(norms[[4, 8]]).any()
+    assert np.isfinite(np.delete(norms, [4, 8])).all()
+
+
+def test_fortran_ordered_reply_is_read_in_its_own_order(kernel: None) -> None:
+    glob, ms, weights = models(3, seed=4)
+    ms[1]["w1"] = np.asfortranarray(ms[1]["w1"])
+    norms, out = run(glob, ms, weights)
+    expected_norms, expected = run(
+        glob, [{k: np.ascontiguousarray(v) for k, v in m.items()} for m in ms], weights
+    )
+    assert norms.tobytes() == expected_norms.tobytes()
+    assert out["w1"].tobytes() == expected["w1"].tobytes()
+
+
+def test_no_compiler_leaves_the_torch_pass(
+    fresh_library: None, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("CC", "no-such-compiler-sigmax")
+    monkeypatch.setattr(fused, "MIN_PARAMS", 0)
+    glob, ms, weights = models(4, seed=5)
+    with caplog.at_level(logging.WARNING, logger="flwr.sigmax_fl.fused"):
+        assert not fused.applies(glob)
+        _, out = strategy.norms_and_average(ms, glob, list(weights))
+    assert "no C compiler 'no-such-compiler-sigmax'" in caplog.text
+    for name, expected in float64_average(glob, ms, weights).items():
+        np.testing.assert_allclose(out[name], expected, rtol=2**-23, atol=ATOL)
+
+
+def test_a_compiler_that_fails_is_reported(
+    fresh_library: None, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("CC", "false")  # exists, exits 1 for any input
+    with caplog.at_level(logging.WARNING, logger="flwr.sigmax_fl.fused"):
+        assert fused.library() is None
+    assert "could not build the fused aggregation kernel with 'false'" in caplog.text
+
+
+def test_no_usable_temporary_directory_is_reported(
+    fresh_library: None,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    tmp_path: Path,
+) -> None:
+    # A server whose temporary directory is missing (or noexec) must still aggregate
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "gone"))
+    with caplog.at_level(logging.WARNING, logger="flwr.sigmax_fl.fused"):
+        assert fused.library() is None
+    assert "could not build the fused aggregation kernel" in caplog.text
+    assert "gone" in caplog.text
+
+
+def test_switched_off_by_the_environment(
+    fresh_library: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(fused.ENV_SWITCH, "0")
+    assert fused.library() is None
+
+
+def test_fresh_arrays_survive_flower_serialisation() -> None:
+    # The average is written into the npy bytes Flower sends: they must be ordinary npy
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+    fresh = FreshArrays({"w": (4, 5), "b": (3,)})
+    fresh.values["w"][:] = np.arange(20, dtype=np.float32).reshape(4, 5)
+    fresh.values["b"][:] = [-1.5, 0.0, 2.25]
+    record = fresh.record()
+    assert fresh.values == {}
+    message = Message(RecordDict({"arrays": record}), dst_node_id=2, message_type="train")
+    back = message_from_proto(message_to_proto(message)).content["arrays"]
+    assert isinstance(back, ArrayRecord)
+    np.testing.assert_array_equal(back["w"].numpy(), np.arange(20).reshape(4, 5))
+    np.testing.assert_array_equal(back["b"].numpy(), [-1.5, 0.0, 2.25])
+    assert as_numpy(back["b"]).dtype == np.float32
+
+
+def test_strategy_round_of_a_large_model_uses_the_kernel(kernel: None) -> None:
+    # A model above MIN_PARAMS, end to end through aggregate_train, against float64
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+    rng = np.random.default_rng(6)
+    shapes = {"w": (fused.MIN_PARAMS // 100 + 1, 100), "b": (100,)}
+    glob = {k: rng.normal(0, 0.1, s).astype(np.float32) for k, s in shapes.items()}
+    replies, models_, examples = [], [], [300, 1200, 500]
+    for node, n in enumerate(examples, start=1):
+        m = {k: v + rng.normal(0, 0.01, v.shape).astype(np.float32) for k, v in glob.items()}
+        models_.append(m)
+        content = RecordDict(
+            {
+                "arrays": ArrayRecord({k: strategy.npy_array(v) for k, v in m.items()}),
+                "metrics": MetricRecord({"num-examples": n}),
+                strategy.META_KEY: ConfigRecord({"instance-id": f"inst-{node}"}),
+            }
+        )
+        sent = Message(RecordDict(), dst_node_id=node, message_type="train")
+        replies.append(Message(content, reply_to=sent))
+    wfa = strategy.WeightedFedAvg(defences=strategy.Defences(max_weight_share=1.0))
+    wfa._sent = ArrayRecord({k: strategy.npy_array(v) for k, v in glob.items()})
+    fused.prepare({k: v.shape for k, v in glob.items()})
+    assert fused.applies(glob)
+
+    result, metrics = wfa.aggregate_train(1, replies)
+
+    assert metrics["replies-ok"] == 3
+    shares = np.array(examples) / sum(examples)
+    for name, expected in float64_average(glob, models_, shares).items():
+        np.testing.assert_allclose(result[name].numpy(), expected, rtol=2**-23, atol=ATOL)
