@@ -6,8 +6,9 @@ Three measurements, each a function ``bench/run.py`` calls (or run this file alo
 * :func:`aggregation_speed`: ``WeightedFedAvg.aggregate_train`` (screening included) and stock
   Flower's ``aggregate_arrayrecords`` on the same 10 good replies of P float32 parameters,
   against the floor ``(replies + 1) x P x 4 bytes / copy bandwidth``, with the parts of our
-  time (screening, the one pass, writing the result) and two limits of this machine: the time
-  to only read the replies, and the time to write the result into fresh (never touched) pages.
+  time (screening, the one pass, building the result's record) and two limits of this
+  machine: the time to only read the replies, and the time to write the result into fresh
+  (never touched) pages.
 * :func:`update_bytes`: bytes of one train reply of the real model per ``update-encoding``, as
   ``ArrayRecord.count_bytes()`` (what the run history records) and as serialised protobuf.
 * :func:`compression_accuracy`: the app itself (ServerApp, strategy, ClientApp with its
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -94,14 +96,21 @@ def aggregation_speed(
 
     Returns ``{"copy_bandwidth_bytes_per_s": float, "rows": [one dict per P]}``; each row has
     medians (``*_s``) and minima (``*_min_s``) over ``reps`` runs, ``floor_s`` and the ratios
-    ``ours_x_floor``, ``stock_x_floor``, ``ours_over_stock``, and the parts of our time.
+    ``ours_x_floor``, ``stock_x_floor``, ``ours_over_stock``, the parts of our time, and
+    ``fused_kernel`` (whether the one pass ran in :mod:`sigmax_fl.fused`); ``kernel_build_s``
+    is what building that kernel once costs a server process (None: not built here).
+
+    Stock runs first, for every P: ``fused.prepare`` (what ``configure_train`` does for a
+    large model) changes how this process's allocator keeps freed memory, and stock Flower's
+    figures must be those of a process without it.
     """
     import warnings
 
     import torch
     from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
-    from sigmax_fl.codec import npy_array
+    from sigmax_fl import fused
+    from sigmax_fl.codec import FreshArrays
     from sigmax_fl.strategy import (
         WeightedFedAvg,
         as_numpy,
@@ -112,25 +121,29 @@ def aggregation_speed(
 
     warnings.filterwarnings("ignore", "The given NumPy array is not writable")
     bandwidth = bandwidth or copy_bandwidth()
+    rounds = {params: _round(params, replies) for params in params_list}
+    stock = {
+        params: timeit(
+            lambda m=messages: aggregate_arrayrecords([x.content for x in m], "num-examples"), reps
+        )
+        for params, (_, messages) in rounds.items()
+    }
     rows = []
-    for params in params_list:
-        glob, messages = _round(params, replies)
+    for params, (glob, messages) in rounds.items():
         ours = WeightedFedAvg()
         ours._sent = glob
+        shapes = {name: a.shape for name, a in glob.items()}
+        fused.prepare(shapes)  # as configure_train does
 
         def run_ours(ours=ours, messages=messages) -> None:
             arrays, metrics = ours.aggregate_train(1, messages)
             assert arrays is not None and metrics["replies-ok"] == replies, metrics
 
-        def run_stock(messages=messages) -> None:
-            aggregate_arrayrecords([m.content for m in messages], "num-examples")
-
         sent = {k: as_numpy(a) for k, a in glob.items()}
         screened = [screen_train_reply(m, glob, sent) for m in messages]
         models = [s.arrays for s in screened]
         shares = capped_shares([s.num_examples for s in screened], ours.defences.max_weight_share)
-        _, average = norms_and_average(models, sent, shares)
-
+        out = {k: np.empty(v.shape, dtype=np.float32) for k, v in sent.items()}
         tensors = [torch.from_numpy(v.reshape(-1)) for m in models for v in m.values()]
 
         def read_only(tensors=tensors) -> None:
@@ -142,19 +155,20 @@ def aggregation_speed(
 
         parts = {
             "ours": run_ours,
-            "stock": run_stock,
             "screening": lambda m=messages, g=glob, s=sent: [
                 screen_train_reply(x, g, s) for x in m
             ],
-            "one_pass": lambda m=models, s=sent, w=shares: norms_and_average(m, s, w),
-            "write_result": lambda a=average: [npy_array(v) for v in a.values()],
+            "one_pass": lambda m=models, s=sent, w=shares, o=out: norms_and_average(m, s, w, o),
+            "result_record": lambda s=shapes: FreshArrays(s).record(),
             "read_replies_only": read_only,
             "fresh_pages_result_size": fresh_pages,
         }
         timings = {name: timeit(fn, reps) for name, fn in parts.items()}
+        timings["stock"] = stock[params]
         floor = (replies + 1) * params * 4 / bandwidth
         row: dict[str, object] = {"params": params, "replies": replies, "reps": reps}
         row["floor_s"] = floor
+        row["fused_kernel"] = fused.applies(sent)
         for name, ts in timings.items():
             row[f"{name}_s"] = statistics.median(ts)
             row[f"{name}_min_s"] = min(ts)
@@ -169,9 +183,12 @@ def aggregation_speed(
             flush=True,
         )
         rows.append(row)
-        del glob, messages, ours, screened, models, average, tensors
+        del ours, screened, models, out, tensors
         gc.collect()
-    return {"copy_bandwidth_bytes_per_s": bandwidth, "rows": rows}
+    started = time.perf_counter()
+    built = fused.library() is not None and fused._build(os.environ.get("CC") or "cc")[0]
+    build_s = time.perf_counter() - started if built else None
+    return {"copy_bandwidth_bytes_per_s": bandwidth, "rows": rows, "kernel_build_s": build_s}
 
 
 def update_bytes(model: str = "trading-mlp") -> dict[str, object]:
