@@ -136,13 +136,14 @@ class FreshArrays:
     def __init__(self, shapes: Mapping[str, tuple[int, ...]]) -> None:
         self._data: dict[str, tuple[tuple[int, ...], bytes]] = {}
         self.values: dict[str, np.ndarray] = {}
-        """Writable float32 views of each array's values; they do not keep the bytes alive."""
+        """Writable float32 views of each array's values (each keeps its bytes alive)."""
         for name, shape in shapes.items():
             header = _npy_header(np.lib.format.dtype_to_descr(np.dtype(np.float32)), shape)
             count = math.prod(shape)
             size = len(header) + 4 * count
             data = _new_bytes(None, size)
             buffer = (ctypes.c_char * size).from_address(_bytes_address(data))
+            buffer.keep = data  # a view (whose base is this buffer) keeps the bytes alive
             raw = np.frombuffer(buffer, dtype=np.uint8)
             raw[: len(header)] = np.frombuffer(header, dtype=np.uint8)
             self._data[name] = (tuple(shape), data)

@@ -27,6 +27,7 @@ import functools
 import logging
 import math
 import os
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -45,8 +46,14 @@ TILE = 8192
 """Values per tile: its float32 running sums (32 KiB) stay in the L1 cache while eight replies
 are added in."""
 ENV_SWITCH = "SIGMAX_FL_FUSED"
-THREADS = max(1, min(8, os.cpu_count() or 1))
-"""Threads of a pass: each core adds its share of memory bandwidth; a few saturate it."""
+THREADS = max(
+    1,
+    min(
+        8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    ),
+)
+"""Threads of a pass, one per core this process may use (up to 8): each adds its share of
+memory bandwidth, and a few saturate it."""
 
 SOURCE = r"""
 #include <stdint.h>
@@ -54,7 +61,7 @@ SOURCE = r"""
 #define TILE %(tile)d
 #define GROUP 8
 typedef float v8 __attribute__((vector_size(32)));
-typedef float v8u __attribute__((vector_size(32), aligned(4)));
+typedef float v8u __attribute__((vector_size(32), aligned(4), __may_alias__));
 #define LD(p) (*(const v8u *)(p))
 #define ST(p, v) (*(v8u *)(p) = (v))
 
@@ -138,33 +145,38 @@ _P = ctypes.c_void_p
 _I = ctypes.c_int64
 
 
+def switched_off() -> bool:
+    """``SIGMAX_FL_FUSED=0``: no kernel and no allocator setting, the server as before."""
+    return os.environ.get(ENV_SWITCH, "1").strip().lower() in {"0", "off", "false", "no"}
+
+
 @functools.cache
 def library() -> ctypes.CDLL | None:
     """The built kernel, or None (logged once) where it cannot be built or is switched off."""
-    if os.environ.get(ENV_SWITCH, "1").strip().lower() in {"0", "off", "false", "no"}:
+    if switched_off():
         log.info("fused aggregation kernel off (%s); using the torch pass", ENV_SWITCH)
         return None
-    compiler = os.environ.get("CC") or "cc"
-    if shutil.which(compiler) is None:
+    compiler = shlex.split(os.environ.get("CC") or "cc")  # CC may carry a wrapper: "ccache gcc"
+    if not compiler or shutil.which(compiler[0]) is None:
         log.warning(
             "no C compiler '%s' (set CC): aggregation of large models uses the slower torch pass",
-            compiler,
+            " ".join(compiler),
         )
         return None
     try:
         kernel, problem = _build(compiler)
-    except OSError as err:  # no writable temporary directory, or one mounted noexec
-        kernel, problem = None, str(err)
+    except Exception as err:  # e.g. a noexec temporary directory: never an error in a round
+        kernel, problem = None, f"{type(err).__name__}: {err}"
     if kernel is None:
         log.warning(
             "could not build the fused aggregation kernel with '%s' (%s): using the torch pass",
-            compiler,
+            " ".join(compiler),
             problem,
         )
     return kernel
 
 
-def _build(compiler: str) -> tuple[ctypes.CDLL | None, str]:
+def _build(compiler: list[str]) -> tuple[ctypes.CDLL | None, str]:
     """Compile and load the kernel; None and the compiler's last line if it fails."""
     with tempfile.TemporaryDirectory(prefix="sigmax-fl-kernel-", ignore_cleanup_errors=True) as d:
         src, lib = Path(d) / "fused.c", Path(d) / "fused.so"
@@ -174,9 +186,10 @@ def _build(compiler: str) -> tuple[ctypes.CDLL | None, str]:
         for extra in (("-march=native",), ()):
             try:
                 built = subprocess.run(
-                    [compiler, *_FLAGS, *extra, "-o", str(lib), str(src)],
+                    [*compiler, *_FLAGS, *extra, "-o", str(lib), str(src)],
                     capture_output=True,
                     text=True,
+                    errors="replace",
                     timeout=120,
                 )
             except (OSError, subprocess.TimeoutExpired) as err:
@@ -198,7 +211,7 @@ def prepare(shapes: Mapping[str, tuple[int, ...]]) -> None:
     For a model of at least :data:`MIN_PARAMS` parameters: build the kernel now rather than
     inside a round, and keep freed memory for reuse (:func:`_keep_freed_memory`).
     """
-    if sum(math.prod(shape) for shape in shapes.values()) < MIN_PARAMS:
+    if switched_off() or sum(math.prod(shape) for shape in shapes.values()) < MIN_PARAMS:
         return
     library()
     _keep_freed_memory()
@@ -206,13 +219,15 @@ def prepare(shapes: Mapping[str, tuple[int, ...]]) -> None:
 
 @functools.cache
 def _keep_freed_memory() -> None:
-    """Let glibc keep up to 512 MiB of freed memory, and serve blocks up to 32 MiB from it.
+    """Let glibc keep up to 512 MiB free at the top of its heap, and serve blocks of <= 32 MiB.
 
     Each round the server frees the replies and the previous global model and allocates as
-    much again. By default glibc returns large freed blocks to the kernel, so the next round
-    writes into never-touched pages: a page fault per 4 KiB, about 14 ms for a 10M-parameter
-    result here, more than the whole averaging pass. The cost is a resident size that stays at
-    its high-water mark (plus at most 512 MiB). Not glibc: nothing to do.
+    much again. By default glibc hands large freed blocks back to the kernel (its mmap
+    threshold adapts up to 32 MiB, but the heap top is trimmed past twice that threshold), so
+    the next round writes into never-touched pages: a page fault per 4 KiB, about 14 ms for a
+    10M-parameter result in four arrays here, more than the whole averaging pass. Arrays
+    above 32 MiB (8.4M float32 values) are still mapped afresh each round. The cost is a
+    resident size that stays near its high-water mark. Not glibc: nothing to do.
     """
     libc = ctypes.CDLL(None)
     mallopt = getattr(libc, "mallopt", None)
@@ -250,13 +265,23 @@ def norms_and_average(
         raise RuntimeError("fused.norms_and_average called where the kernel does not apply")
     names = list(reference)
     replies = len(models)
+    # The C loop trusts every size it is given: check them all here.
+    if replies == 0 or len(weights) != replies:
+        raise ValueError(f"{replies} model(s) and {len(weights)} weight(s): need as many, >= 1")
+    for n in names:
+        size = reference[n].size
+        if any(m[n].size != size for m in models) or out[n].size != size:
+            raise ValueError(f"array '{n}': every model and out must have {size} values")
     # C-ordered float32, as the kernel reads them: a no-op for npy views, a copy otherwise
     # (an npy reply may be in Fortran order); kept here so that they outlive the call.
     inputs = [np.ascontiguousarray(m[n], dtype=np.float32) for n in names for m in models]
     inputs += [np.ascontiguousarray(reference[n], dtype=np.float32) for n in names]
     for n in names:
         if out[n].dtype != np.float32 or not out[n].flags.c_contiguous:
-            raise ValueError(f"out['{n}'] must be C-ordered float32, got {out[n].dtype}")
+            raise ValueError(
+                f"out['{n}'] must be C-ordered float32, got {out[n].dtype} "
+                f"({'C' if out[n].flags.c_contiguous else 'not C'}-ordered)"
+            )
     lens = np.array([reference[n].size for n in names], dtype=np.int64)
     xs = np.array([a.ctypes.data for a in inputs[: len(names) * replies]], dtype=np.uintp)
     gs = np.array([a.ctypes.data for a in inputs[len(names) * replies :]], dtype=np.uintp)
@@ -268,13 +293,25 @@ def norms_and_average(
     args += (lens.ctypes.data, w.ctypes.data, sq.ctypes.data)
     parts = max(1, min(threads, tiles))
     bounds = [tiles * p // parts for p in range(parts + 1)]
-    helpers = [
-        threading.Thread(target=kernel.sigmax_fused_pass, args=(*args, bounds[p], bounds[p + 1]))
-        for p in range(1, parts)
-    ]
-    for t in helpers:
-        t.start()
-    kernel.sigmax_fused_pass(*args, bounds[0], bounds[1])
-    for t in helpers:
-        t.join()
+    failed: list[BaseException] = []
+
+    def part(p: int) -> None:
+        try:
+            kernel.sigmax_fused_pass(*args, bounds[p], bounds[p + 1])
+        except BaseException as err:  # re-raised below: half an average must never be used
+            failed.append(err)
+
+    helpers: list[threading.Thread] = []
+    try:
+        for p in range(1, parts):
+            helpers.append(threading.Thread(target=part, args=(p,)))
+            helpers[-1].start()
+        part(0)
+    finally:
+        # Whatever happens here, no thread may still write into out (or read freed inputs)
+        # once this function is left.
+        for t in helpers:
+            t.join()
+    if failed:
+        raise failed[0]
     return np.sqrt(sq.sum(axis=0))

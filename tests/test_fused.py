@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import shlex
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -22,14 +24,22 @@ ATOL = 4e-9
 """Float32 rounding of the deltas (about 0.01-0.04 here, ulp 1.9e-9) and of their sum: the
 torch pass needs 2.3e-9 on the large-model case below, the kernel 2.7e-9 (it rounds every
 product and every sum on its own)."""
-SHAPES = {"w1": (3, fused.TILE // 3 + 7), "b1": (31,), "w2": (fused.TILE + 33,), "b2": (1,)}
+SHAPES = {
+    "w1": (3, fused.TILE // 3 + 7),
+    "b1": (31,),
+    "w2": (fused.TILE + 33,),
+    "empty": (0,),
+    "b2": (1,),
+    "t": (fused.TILE,),
+}
 
 
 @pytest.fixture
 def kernel() -> None:
-    if shutil.which("cc") is None:
-        pytest.skip("no C compiler here: the kernel is not built, the torch pass is used")
-    assert fused.library() is not None, "cc is present but the kernel did not build"
+    compiler = shlex.split(os.environ.get("CC") or "cc")[0]
+    if shutil.which(compiler) is None:
+        pytest.skip(f"no C compiler '{compiler}' here: the kernel is not built, torch is used")
+    assert fused.library() is not None, f"{compiler} is present but the kernel did not build"
 
 
 @pytest.fixture
@@ -158,6 +168,7 @@ def test_a_compiler_that_fails_is_reported(
 
 
 def test_no_usable_temporary_directory_is_reported(
+    kernel: None,
     fresh_library: None,
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
@@ -172,10 +183,50 @@ def test_no_usable_temporary_directory_is_reported(
 
 
 def test_switched_off_by_the_environment(
-    fresh_library: None, monkeypatch: pytest.MonkeyPatch
+    kernel: None, fresh_library: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv(fused.ENV_SWITCH, "0")
+    monkeypatch.setattr(fused, "MIN_PARAMS", 0)
+    glob, _, _ = models(1)
     assert fused.library() is None
+    assert not fused.applies(glob)
+
+
+def test_a_compiler_refusing_native_flags_builds_the_same_kernel(
+    kernel: None, fresh_library: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # -march=native is only a speed-up: the plain build must give the same bits
+    glob, ms, weights = models(9, seed=8)
+    native = run(glob, ms, weights)
+    calls = tmp_path / "calls"
+    wrapper = tmp_path / "cc-no-native"
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        f'echo "$*" >> {calls}\n'
+        'for a in "$@"; do\n'
+        '  [ "$a" = -march=native ] && { echo "no -march=native" >&2; exit 1; }\n'
+        "done\n"
+        f'exec {shlex.split(os.environ.get("CC") or "cc")[0]} "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("CC", str(wrapper))
+    fused.library.cache_clear()
+    assert fused.library() is not None
+    tried = calls.read_text().splitlines()
+    assert len(tried) == 2 and "-march=native" in tried[0] and "-march" not in tried[1]
+    plain = run(glob, ms, weights)
+    assert plain[0].tobytes() == native[0].tobytes()
+    for name in glob:
+        assert plain[1][name].tobytes() == native[1][name].tobytes()
+
+
+def test_sizes_that_do_not_match_are_refused_before_the_c_loop(kernel: None) -> None:
+    glob, ms, weights = models(3, seed=9)
+    with pytest.raises(ValueError, match="3 model"):
+        run(glob, ms, weights[:2])
+    ms[2]["w2"] = ms[2]["w2"][:-1]
+    with pytest.raises(ValueError, match="array 'w2'"):
+        run(glob, ms, weights)
 
 
 def test_fresh_arrays_survive_flower_serialisation() -> None:
@@ -222,5 +273,11 @@ def test_strategy_round_of_a_large_model_uses_the_kernel(kernel: None) -> None:
 
     assert metrics["replies-ok"] == 3
     shares = np.array(examples) / sum(examples)
+    w32 = shares.astype(np.float32)
     for name, expected in float64_average(glob, models_, shares).items():
         np.testing.assert_allclose(result[name].numpy(), expected, rtol=2**-23, atol=ATOL)
+        # and bit for bit the kernel's documented float32 sequence
+        acc = w32[0] * (models_[0][name] - glob[name])
+        for w, m in zip(w32[1:], models_[1:], strict=True):
+            acc = acc + w * (m[name] - glob[name])
+        assert as_numpy(result[name]).tobytes() == (glob[name] + acc).tobytes()

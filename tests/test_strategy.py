@@ -30,6 +30,7 @@ def one_pass(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) ->
     if request.param == "fused":
         if shutil.which("cc") is None:
             pytest.skip("no C compiler here: the kernel is not built")
+        assert fused.library() is not None, "cc is present but the kernel did not build"
         monkeypatch.setattr(fused, "MIN_PARAMS", 0)
     else:
         monkeypatch.setattr(fused, "MIN_PARAMS", 1 << 40)
