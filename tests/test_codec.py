@@ -14,17 +14,13 @@ from flwr.app import (
     Array,
     ArrayRecord,
     ConfigRecord,
-    Context,
     Message,
     MetricRecord,
     RecordDict,
 )
-from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.common.serde import message_to_proto
 from flwr.supercore.task_identity import TaskIdentity
 
-from sigmax_fl import server_app
-from sigmax_fl.attacks import LoopbackGrid, simulated_nodes
 from sigmax_fl.codec import (
     BLOCK,
     ENCODING_KEY,
@@ -40,7 +36,7 @@ from sigmax_fl.model import build_model
 from sigmax_fl.settings import ConfigError, Settings
 from sigmax_fl.strategy import META_KEY, Defences, WeightedFedAvg
 
-from .conftest import simulate
+from .conftest import in_process_run, simulate
 
 
 @pytest.fixture(autouse=True)
@@ -268,15 +264,6 @@ def test_update_encoding_with_secure_aggregation_is_a_config_error() -> None:
         Settings(update_encoding="int8", secure_aggregation=True)
 
 
-def _in_process_run(run_config: dict, instances: int, out: Path) -> dict[str, torch.Tensor]:
-    """The app's ServerApp and ClientApps over Flower's message serialisation, in this process."""
-    run_id = 4242
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = run_id, SUPERLINK_NODE_ID, 1
-    context = Context(run_id, SUPERLINK_NODE_ID, {}, RecordDict(), dict(run_config))
-    server_app.main(LoopbackGrid(simulated_nodes(run_config, run_id, instances), run_id), context)
-    return torch.load(out / run_config["run-name"] / "final_model.pt", weights_only=True)
-
-
 @pytest.mark.integration
 def test_int8_simulation_sends_a_quarter_and_learns_as_float32(
     simulation: FlwrHome, tmp_path: Path
@@ -293,7 +280,7 @@ def test_int8_simulation_sends_a_quarter_and_learns_as_float32(
     # Execute: int8 through Flower's simulation engine; float32, the reference, in process
     run_config = {**config, "run-name": "int8", "update-encoding": "int8"}
     simulate(simulation, run_config, 3)
-    f32 = _in_process_run({**config, "run-name": "float32"}, 3, tmp_path)
+    f32 = in_process_run({**config, "run-name": "float32"}, 3)
 
     # Assert: completed (checked by simulate), every reply accepted, about a quarter of
     # float32's bytes recorded

@@ -19,6 +19,8 @@ from flwr.supercore.task_identity import TaskIdentity
 from sigmax_fl import fused, strategy
 from sigmax_fl.codec import FreshArrays, as_numpy
 
+from .conftest import in_process_run
+
 # Sizes around the kernel's edges: below one 32-value step, ragged steps, ragged tiles.
 ATOL = 4e-9
 """Float32 rounding of the deltas (about 0.01-0.04 here, ulp 1.9e-9) and of their sum: the
@@ -281,3 +283,29 @@ def test_strategy_round_of_a_large_model_uses_the_kernel(kernel: None) -> None:
         for w, m in zip(w32[1:], models_[1:], strict=True):
             acc = acc + w * (m[name] - glob[name])
         assert as_numpy(result[name]).tobytes() == (glob[name] + acc).tobytes()
+
+
+def test_the_app_trains_the_same_model_on_either_pass(
+    kernel: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # Prepare: the app in process (ServerApp, ClientApps, Flower's message serialisation) on
+    # three instances for two rounds, once with every pass in the kernel, as a large model has
+    config = {
+        "num-server-rounds": 2,
+        "local-epochs": 1,
+        "data-sources": "synthetic:3:seed=3:signal=0.3:start=2018-01-01:end=2019-12-31",
+        "min-available-nodes": 3,
+        "outputs-dir": str(tmp_path),
+    }
+
+    # Execute
+    monkeypatch.setattr(fused, "MIN_PARAMS", 0)
+    assert fused.applies({"w": np.zeros(1, np.float32)})
+    with_kernel = in_process_run({**config, "run-name": "fused"}, 3)
+    monkeypatch.setattr(fused, "MIN_PARAMS", 1 << 40)
+    with_torch = in_process_run({**config, "run-name": "torch"}, 3)
+
+    # Assert: the same model up to float32 rounding carried through a round of training
+    assert with_kernel.keys() == with_torch.keys()
+    for name, values in with_kernel.items():
+        np.testing.assert_allclose(values.numpy(), with_torch[name].numpy(), rtol=1e-4, atol=1e-6)
