@@ -7,6 +7,8 @@ Each check prints one line ``OK|FAIL|WARN <check>: <what was found / what to do>
 * ``server-cert-chain``, ``server-cert-san``, ``server-key``: the SuperLink's TLS files (when
   given) match: the CA verifies the certificate (signature and validity dates), its
   subjectAltName names the host clients dial, the key belongs to the certificate;
+* ``aggregation-kernel`` (with the server's files): the fused aggregation pass builds with
+  this host's C compiler (:mod:`sigmax_fl.fused`), else large models average more slowly;
 * ``tls-handshake``: a real TLS handshake with the port succeeds, verified with the CA;
 * ``node-key``, ``node-key-registered``: the SuperNode key is an ECDSA P-384 OpenSSH key
   whose ``.pub`` matches, and the SuperLink holds that public key;
@@ -32,6 +34,7 @@ import os
 import socket
 import ssl
 import tempfile
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -138,6 +141,7 @@ class Doctor:
     def run(self) -> list[Check]:
         self.check_address()
         self.check_server_files()
+        self.check_aggregation_kernel()
         self.check_handshake()
         self.check_node_key()
         self.check_registration()
@@ -232,6 +236,29 @@ class Doctor:
             return
         status, detail = key_matches(opts.server_key, leaf)
         self._add(status, "server-key", f"{opts.server_key}: {detail}")
+
+    def check_aggregation_kernel(self) -> None:
+        """On the server's host (its TLS files given): whether large models average fast."""
+        if self.options.server_cert is None:
+            return
+        from sigmax_fl import fused
+
+        started = time.monotonic()
+        kernel, why = fused.build()
+        if kernel is None:
+            self._add(
+                WARN,
+                "aggregation-kernel",
+                f"{why}: models of {fused.MIN_PARAMS:,} parameters or more will be averaged by "
+                "the torch pass, about 2x slower (install a C compiler, or set CC)",
+            )
+            return
+        self._add(
+            OK,
+            "aggregation-kernel",
+            f"{why} in {time.monotonic() - started:.2f} s: models of {fused.MIN_PARAMS:,} "
+            "parameters or more are averaged in one fused pass",
+        )
 
     def check_handshake(self) -> None:
         opts = self.options

@@ -154,28 +154,30 @@ def switched_off() -> bool:
     return os.environ.get(ENV_SWITCH, "1").strip().lower() in {"0", "off", "false", "no"}
 
 
-@functools.cache
-def library() -> ctypes.CDLL | None:
-    """The built kernel, or None (logged once) where it cannot be built or is switched off."""
+def build() -> tuple[ctypes.CDLL | None, str]:
+    """Build the kernel now: it, or None and why not (for the log and ``sigmax-fl doctor``)."""
     if switched_off():
-        log.info("fused aggregation kernel off (%s); using the torch pass", ENV_SWITCH)
-        return None
+        return None, f"switched off ({ENV_SWITCH}=0)"
     compiler = shlex.split(os.environ.get("CC") or "cc")  # CC may carry a wrapper: "ccache gcc"
     if not compiler or shutil.which(compiler[0]) is None:
-        log.warning(
-            "no C compiler '%s' (set CC): aggregation of large models uses the slower torch pass",
-            " ".join(compiler),
-        )
-        return None
+        return None, f"no C compiler '{' '.join(compiler)}' (set CC)"
     try:
         kernel, problem = _build(compiler)
     except Exception as err:  # e.g. a noexec temporary directory: never an error in a round
         kernel, problem = None, f"{type(err).__name__}: {err}"
     if kernel is None:
-        log.warning(
-            "could not build the fused aggregation kernel with '%s' (%s): using the torch pass",
-            " ".join(compiler),
-            problem,
+        return None, f"could not build it with '{' '.join(compiler)}' ({problem})"
+    return kernel, f"built with '{' '.join(compiler)}'"
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The kernel, built once per process; None (logged once) where it cannot be, or is off."""
+    kernel, why = build()
+    if kernel is None:
+        (log.info if switched_off() else log.warning)(
+            "fused aggregation kernel: %s; large models are averaged by the slower torch pass",
+            why,
         )
     return kernel
 

@@ -155,7 +155,7 @@ def test_no_compiler_leaves_the_torch_pass(
     with caplog.at_level(logging.WARNING, logger="flwr.sigmax_fl.fused"):
         assert not fused.applies(glob)
         _, out = strategy.norms_and_average(ms, glob, list(weights))
-    assert "no C compiler 'no-such-compiler-sigmax'" in caplog.text
+    assert "no C compiler 'no-such-compiler-sigmax' (set CC)" in caplog.text
     for name, expected in float64_average(glob, ms, weights).items():
         np.testing.assert_allclose(out[name], expected, rtol=2**-23, atol=ATOL)
 
@@ -166,7 +166,7 @@ def test_a_compiler_that_fails_is_reported(
     monkeypatch.setenv("CC", "false")  # exists, exits 1 for any input
     with caplog.at_level(logging.WARNING, logger="flwr.sigmax_fl.fused"):
         assert fused.library() is None
-    assert "could not build the fused aggregation kernel with 'false'" in caplog.text
+    assert "could not build it with 'false'" in caplog.text
 
 
 def test_no_usable_temporary_directory_is_reported(
@@ -180,8 +180,7 @@ def test_no_usable_temporary_directory_is_reported(
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "gone"))
     with caplog.at_level(logging.WARNING, logger="flwr.sigmax_fl.fused"):
         assert fused.library() is None
-    assert "could not build the fused aggregation kernel" in caplog.text
-    assert "gone" in caplog.text
+    assert "could not build it with" in caplog.text and "gone" in caplog.text
 
 
 def test_switched_off_by_the_environment(
