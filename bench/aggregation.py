@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -186,8 +185,8 @@ def aggregation_speed(
         del ours, screened, models, out, tensors
         gc.collect()
     started = time.perf_counter()
-    built = fused.library() is not None and fused._build(os.environ.get("CC") or "cc")[0]
-    build_s = time.perf_counter() - started if built else None
+    kernel, _ = fused.build()  # once more, timed: what a server process pays once
+    build_s = time.perf_counter() - started if kernel is not None else None
     return {"copy_bandwidth_bytes_per_s": bandwidth, "rows": rows, "kernel_build_s": build_s}
 
 

@@ -769,9 +769,14 @@ def _aggregation_md(res: dict) -> list[str]:
         "of `sigmax_fl/fused.py` where it was built), making the result's record (fresh bytes, "
         "Flower Arrays). Reading the replies alone (torch sums) is a limit of this machine. "
         + (
-            f"Building the kernel took {res['kernel_build_s']:.2f} s, once per server process."
-            if res.get("kernel_build_s")
-            else "The kernel was not built here (no compiler): the torch pass ran."
+            "The one pass ran in the C kernel"
+            + (
+                f", built in {res['kernel_build_s']:.2f} s once per server process."
+                if res.get("kernel_build_s")
+                else " (its build time was not recorded in this run)."
+            )
+            if any(r["fused_kernel"] for r in res["aggregation"])
+            else "The kernel was not built here: the torch pass ran."
         ),
         "",
         "| parameters | floor s | WeightedFedAvg s | x floor | stock FedAvg s | x floor | "
