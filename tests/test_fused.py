@@ -21,11 +21,12 @@ from sigmax_fl.codec import FreshArrays, as_numpy
 
 from .conftest import in_process_run
 
-# Sizes around the kernel's edges: below one 32-value step, ragged steps, ragged tiles.
 ATOL = 4e-9
 """Float32 rounding of the deltas (about 0.01-0.04 here, ulp 1.9e-9) and of their sum: the
 torch pass needs 2.3e-9 on the large-model case below, the kernel 2.7e-9 (it rounds every
 product and every sum on its own)."""
+# Sizes around the kernel's edges: below one 32-value step, ragged steps and tiles, empty,
+# exactly one tile.
 SHAPES = {
     "w1": (3, fused.TILE // 3 + 7),
     "b1": (31,),
