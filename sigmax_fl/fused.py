@@ -233,12 +233,16 @@ def _keep_freed_memory() -> None:
     the next round writes into never-touched pages: a page fault per 4 KiB, about 14 ms for a
     10M-parameter result in four arrays here, more than the whole averaging pass. Arrays
     above 32 MiB (8.4M float32 values) are still mapped afresh each round. The cost is a
-    resident size that stays near its high-water mark. Not glibc: nothing to do.
+    resident size that stays near its high-water mark. Not glibc (musl, macOS, Windows):
+    nothing to do.
     """
-    libc = ctypes.CDLL(None)
-    mallopt = getattr(libc, "mallopt", None)
-    if mallopt is None:
+    try:
+        libc_version = os.confstr("CS_GNU_LIBC_VERSION") or ""
+    except (AttributeError, ValueError, OSError):  # no confstr, or not glibc
+        libc_version = ""
+    if not libc_version.startswith("glibc"):
         return
+    mallopt = ctypes.CDLL(None).mallopt
     m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
     mallopt(m_mmap_threshold, 32 << 20)
     mallopt(m_trim_threshold, 512 << 20)
