@@ -240,23 +240,19 @@ def update_bytes(model: str = "trading-mlp") -> dict[str, object]:
 def _app_run(encoding: str, setup: object, out_dir: Path) -> dict[str, float]:
     """One in-process run of the app with ``update-encoding``; test R^2 and bytes received."""
     import torch
-    from flwr.app import Context, RecordDict
-    from flwr.common.constant import SUPERLINK_NODE_ID
-    from flwr.supercore.task_identity import TaskIdentity
 
-    from sigmax_fl import metrics, runs, server_app, task
-    from sigmax_fl.attacks import LoopbackGrid, simulated_nodes
+    from sigmax_fl import metrics, runs, task
+    from sigmax_fl.attacks import LoopbackGrid, run_server_app, simulated_nodes
     from sigmax_fl.data import parse_sources
     from sigmax_fl.dataset import Recipe, load_instance
     from sigmax_fl.model import build_model
     from sigmax_fl.settings import Settings
 
     run_id = 7000 + ("float32", "float16", "int8").index(encoding)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = run_id, SUPERLINK_NODE_ID, 1
     run_config = {**setup.run_config(out_dir, encoding), "update-encoding": encoding}
     grid = LoopbackGrid(simulated_nodes(run_config, run_id, setup.instances), run_id)
     started = time.monotonic()
-    server_app.main(grid, Context(run_id, SUPERLINK_NODE_ID, {}, RecordDict(), dict(run_config)))
+    run_server_app(grid, run_config)
     seconds = time.monotonic() - started
     settings = Settings.from_run_config(run_config)
     model = build_model(settings.model)

@@ -492,12 +492,18 @@ def simulated_nodes(
     return nodes
 
 
+def run_server_app(grid: LoopbackGrid, run_config: Mapping[str, Any]) -> None:
+    """The app's ServerApp over ``grid``, started as Flower's runtime starts it for the run."""
+    run_id = grid.run.run_id
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = run_id, SUPERLINK_NODE_ID, 1
+    server_app.main(grid, Context(run_id, SUPERLINK_NODE_ID, {}, RecordDict(), dict(run_config)))
+
+
 def run_scenario(setup: Setup, attack_name: str, out_dir: Path) -> Scenario:
     """Run the app's ServerApp over a loopback grid with one hostile node; score the model."""
     attack = ATTACKS[attack_name]
     torch.set_num_threads(1)
     run_id = 1000 + list(ATTACKS).index(attack_name)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = run_id, SUPERLINK_NODE_ID, 1
     runs_dir = out_dir / "runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(runs_dir / attack_name, ignore_errors=True)
@@ -511,11 +517,10 @@ def run_scenario(setup: Setup, attack_name: str, out_dir: Path) -> Scenario:
     elif attack.tamper is not None:
         apps[setup.attacker] = attacker_app(attack)
     grid = LoopbackGrid(simulated_nodes(run_config, run_id, setup.instances, apps), run_id)
-    server_context = Context(run_id, SUPERLINK_NODE_ID, {}, RecordDict(), dict(run_config))
 
     started = time.monotonic()
     with _flower_log_to(runs_dir / f"{attack_name}.log"):
-        server_app.main(grid, server_context)
+        run_server_app(grid, run_config)
         seconds = time.monotonic() - started
         undefended = stock_fedavg(setup.rounds, grid.last_train_replies)
 

@@ -8,12 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from flwr.app import Context, RecordDict
-from flwr.common.constant import SUPERLINK_NODE_ID
-from flwr.supercore.task_identity import TaskIdentity
 
-from sigmax_fl import cli, compare, server_app
-from sigmax_fl.attacks import LoopbackGrid, simulated_nodes
+from sigmax_fl import cli, compare
+from sigmax_fl.attacks import LoopbackGrid, run_server_app, simulated_nodes
 from sigmax_fl.data import parse_sources
 from sigmax_fl.dataset import Recipe
 from sigmax_fl.deploy.flwr_cli import FINISHED_OK, FlwrHome, start_superlink
@@ -72,9 +69,7 @@ def in_process_run(run_config: dict, instances: int) -> dict[str, torch.Tensor]:
     """The app's ServerApp and ClientApps over Flower's message serialisation, in this process;
     the final model it wrote under ``outputs-dir`` / ``run-name``."""
     run_id = 4242
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = run_id, SUPERLINK_NODE_ID, 1
-    context = Context(run_id, SUPERLINK_NODE_ID, {}, RecordDict(), dict(run_config))
-    server_app.main(LoopbackGrid(simulated_nodes(run_config, run_id, instances), run_id), context)
+    run_server_app(LoopbackGrid(simulated_nodes(run_config, run_id, instances), run_id), run_config)
     path = Path(run_config["outputs-dir"]) / run_config["run-name"] / "final_model.pt"
     return torch.load(path, weights_only=True)
 

@@ -11,12 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from flwr.app import Context, Message, MessageType, RecordDict
+from flwr.app import Context, Message, MessageType
 from flwr.clientapp import ClientApp
-from flwr.common.constant import SUPERLINK_NODE_ID
-from flwr.supercore.task_identity import TaskIdentity
 
-from sigmax_fl import attacks, client_app, runs, server_app
+from sigmax_fl import attacks, client_app, runs
 from sigmax_fl.deploy.flwr_cli import FlwrHome
 from sigmax_fl.settings import ConfigError, Settings
 from sigmax_fl.strategy import EVALUATE_RECEIVED_KEY
@@ -77,9 +75,8 @@ def _run(
     run_config: dict, run_id: int, broken: dict[int, int] | None = None
 ) -> tuple[CountingGrid, Path]:
     torch.set_num_threads(1)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = run_id, SUPERLINK_NODE_ID, 1
     grid = CountingGrid(run_config, run_id, broken)
-    server_app.main(grid, Context(run_id, SUPERLINK_NODE_ID, {}, RecordDict(), dict(run_config)))
+    attacks.run_server_app(grid, run_config)
     run_dir = Path(run_config["outputs-dir"]) / run_config["run-name"]
     return grid, run_dir
 

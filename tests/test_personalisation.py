@@ -14,11 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
-from flwr.common.constant import SUPERLINK_NODE_ID
-from flwr.supercore.task_identity import TaskIdentity
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 
-from sigmax_fl import attacks, personal, runs, server_app, task
+from sigmax_fl import attacks, personal, runs, task
 from sigmax_fl.data import parse_sources
 from sigmax_fl.dataset import Recipe, load_instance
 from sigmax_fl.deploy.flwr_cli import FlwrHome
@@ -63,9 +61,8 @@ class RecordingGrid(attacks.LoopbackGrid):
 def _run(run_config: dict, run_id: int) -> RecordingGrid:
     """The app's ServerApp for ``num-server-rounds`` over a recording in-process grid."""
     torch.set_num_threads(1)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = run_id, SUPERLINK_NODE_ID, 1
     grid = RecordingGrid(run_config, run_id)
-    server_app.main(grid, Context(run_id, SUPERLINK_NODE_ID, {}, RecordDict(), dict(run_config)))
+    attacks.run_server_app(grid, run_config)
     return grid
 
 
