@@ -113,15 +113,18 @@ def _record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
     return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
 
 
+def _verdict(s: Screened) -> dict[str, Any]:
+    """A reply's metrics and whether it was accepted (and if not, why)."""
+    return {**s.metrics, "accepted": s.ok, **({"reason": s.reason} if s.reason else {})}
+
+
 def _trained_instances(train: list[Screened]) -> dict[str, dict[str, Any]]:
     """Per instance: its train verdict, metrics, update norm, weight and bytes."""
     return {
         s.instance_id: {
             "node_id": s.node_id,
             "train": {
-                **s.metrics,
-                "accepted": s.ok,
-                **({"reason": s.reason} if s.reason else {}),
+                **_verdict(s),
                 "update_norm": s.norm,
                 "weight": s.weight,
                 "bytes": s.payload_bytes,
@@ -137,11 +140,7 @@ def _with_scores(
     """``instances`` plus each scoring instance's validation verdict and metrics."""
     out = {name: dict(entry) for name, entry in instances.items()}
     for s in evaluate:
-        out.setdefault(s.instance_id, {"node_id": s.node_id})["evaluate"] = {
-            **s.metrics,
-            "accepted": s.ok,
-            **({"reason": s.reason} if s.reason else {}),
-        }
+        out.setdefault(s.instance_id, {"node_id": s.node_id})["evaluate"] = _verdict(s)
     return out
 
 
