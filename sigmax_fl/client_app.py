@@ -10,6 +10,7 @@ training features (:mod:`sigmax_fl.scaling`).
 
 from __future__ import annotations
 
+import logging
 import math
 import zlib
 from dataclasses import replace
@@ -27,7 +28,7 @@ from flwr.app import (
 )
 from flwr.clientapp import ClientApp
 
-from sigmax_fl import codec, personal, scaling, secagg, task
+from sigmax_fl import codec, kept, personal, scaling, secagg, task
 from sigmax_fl.codec import as_numpy
 from sigmax_fl.data import simulation_sources, source_for_node
 from sigmax_fl.dataset import InstanceData, Recipe, default_cache_dir, load_instance
@@ -52,6 +53,8 @@ from sigmax_fl.targets import VALIDATION_METRICS
 torch.set_num_threads(1)
 
 app = ClientApp()
+
+log = logging.getLogger(f"flwr.{__name__}")
 
 
 def _instance(context: Context) -> tuple[Settings, str, InstanceData]:
@@ -174,22 +177,46 @@ def train(message: Message, context: Context) -> Message:
         reply = _reply(message, instance_id, metrics, ArrayRecord(sent))
     if scores is not None:
         reply.content[EVALUATION_KEY] = MetricRecord(scores)
-    return encoded(reply, message, settings.update_encoding, context)
+    return encoded(reply, message, settings, instance_id, context.run_id)
 
 
-def encoded(reply: Message, message: Message, encoding: str, context: Context) -> Message:
+RESIDUAL = "residual"
+"""The error-feedback residual's :mod:`sigmax_fl.kept` kind."""
+
+
+def encoded(
+    reply: Message, message: Message, settings: Settings, instance_id: str, run_id: int
+) -> Message:
     """The train reply with its weights as the ``update-encoding`` delta (float32: unchanged).
 
-    The residual the encoding drops is kept in ``context.state`` (Flower keeps it per node
-    for the run, in simulation and deployment) and added to the next round's delta.
+    The residual the encoding drops is added to this instance's next delta. It is kept on the
+    instance's disk, per round (:mod:`sigmax_fl.kept`), not in Flower's ``context.state``:
+    a resumed run is a new Flower run, and an unbroken run's instance carries its residual
+    into the round after the checkpoint, so a resumed one must too to end with the same model.
     """
+    encoding = settings.update_encoding
     if encoding == "float32":
         return reply
+    server_round = int(message.content["config"].get("server-round", 0))
     local = {k: as_numpy(a) for k, a in reply.content["arrays"].items()}
     received = {k: as_numpy(a) for k, a in message.content["arrays"].items()}
-    residual = codec.load_residual(context.state)
-    arrays, residual = codec.encode_update(local, received, encoding, residual)
-    codec.save_residual(context.state, residual)
+    found = kept.load(settings, run_id, instance_id, RESIDUAL, before_round=server_round)
+    resumed = settings.resume_from and server_round > 1
+    if found.tensors is None and found.missing != "other-run" and resumed:
+        log.warning(
+            "%s: no update-encoding residual from before round %d (%s%s): this instance's "
+            "error feedback restarts from zero, so the resumed run can differ from an unbroken "
+            "one by up to one round's %s rounding",
+            instance_id,
+            server_round,
+            found.path,
+            f", {found.detail}" if found.detail else "",
+            encoding,
+        )
+    residual = {k: v.numpy() for k, v in (found.tensors or {}).items()} or None
+    arrays, left = codec.encode_update(local, received, encoding, residual)
+    tensors = {k: torch.from_numpy(v) for k, v in left.items()}
+    kept.save(settings, run_id, instance_id, RESIDUAL, tensors, server_round)
     reply.content["arrays"] = arrays
     reply.content[META_KEY][codec.ENCODING_KEY] = encoding
     return reply

@@ -10,7 +10,8 @@ and so survives coarse number formats far better than the weights themselves:
   value), so one large weight does not flatten the resolution of a whole tensor.
 
 Error feedback: what the encoding loses (the residual ``delta - decoded``) stays on the
-instance, in Flower's ``context.state``, and is added to its next delta. The error therefore
+instance, on its own disk (:mod:`sigmax_fl.kept`, so a resumed run has it too), and is added to
+its next delta. The error therefore
 does not accumulate over rounds: each round's sent updates sum to the true updates up to the
 one residual still held back, which is bounded by one round's quantisation step.
 
@@ -28,7 +29,7 @@ import math
 from collections.abc import Mapping
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, RecordDict
+from flwr.app import Array, ArrayRecord
 
 ENCODINGS = ("float32", "float16", "int8")
 BLOCK = 256
@@ -37,8 +38,6 @@ SCALE_SUFFIX = ":scale"
 """An int8 tensor ``name`` travels as ``name`` (int8, the tensor's shape) and ``name:scale``."""
 ENCODING_KEY = "update-encoding"
 """Key of the reply's meta ConfigRecord declaring the encoding; absent means float32 weights."""
-RESIDUAL_KEY = "update-residual"
-"""ArrayRecord in the instance's ``context.state``: the error feedback carried to next round."""
 _FLOAT16_MAX = float(np.finfo(np.float16).max)
 
 
@@ -294,14 +293,3 @@ def _read(record: ArrayRecord, name: str, dtype: np.dtype, shape: tuple[int, ...
             f"array '{name}': npy content disagrees with its declared dtype/shape"
         )
     return view
-
-
-def load_residual(state: RecordDict) -> dict[str, np.ndarray] | None:
-    """The residual an instance kept in ``context.state`` last round, if any."""
-    record = state.array_records.get(RESIDUAL_KEY)
-    return None if record is None else {k: a.numpy() for k, a in record.items()}
-
-
-def save_residual(state: RecordDict, residual: Mapping[str, np.ndarray]) -> None:
-    """Keep the residual for the next round (Flower persists ``context.state`` per node)."""
-    state[RESIDUAL_KEY] = ArrayRecord({k: Array(v) for k, v in residual.items()})

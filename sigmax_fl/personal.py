@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import re
 import zlib
 from collections.abc import Mapping
 from pathlib import Path
@@ -28,8 +27,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from sigmax_fl import runs, task
-from sigmax_fl.dataset import InstanceData, default_cache_dir
+from sigmax_fl import kept, runs, task
+from sigmax_fl.dataset import InstanceData
 from sigmax_fl.model import build_model, head_keys
 from sigmax_fl.settings import Settings
 
@@ -90,32 +89,18 @@ def fine_tuned(model: nn.Module, X: np.ndarray, y: np.ndarray, **train_options: 
 # On the instance: its head file and its own full model
 
 
-def _safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]", "_", name)
-
-
-def instance_dir(settings: Settings, run_id: int) -> Path:
-    """Where an instance keeps its heads and models for one run, next to its feature cache.
-
-    Keyed by ``run-name`` when set (so a resumed run finds its heads), else by Flower's run id.
-    """
-    run = settings.run_name or f"run-{run_id}"
-    return default_cache_dir().parent / "personal" / _safe(run)
+HEAD = "head"
+"""The head's :mod:`sigmax_fl.kept` kind."""
 
 
 def head_path(settings: Settings, run_id: int, instance_id: str) -> Path:
     """The instance's head between rounds: on its disk only."""
-    return instance_dir(settings, run_id) / f"{_safe(instance_id)}.head.pt"
+    return kept.latest_path(settings, run_id, instance_id, HEAD)
 
 
 def model_path(settings: Settings, run_id: int, instance_id: str) -> Path:
     """The instance's own full model (shared body + its head), as last evaluated."""
-    return instance_dir(settings, run_id) / f"{_safe(instance_id)}.model.pt"
-
-
-def _round_path(settings: Settings, run_id: int, instance_id: str, server_round: int) -> Path:
-    """The head as trained in one round, kept so a resumed run can go back to it."""
-    return instance_dir(settings, run_id) / f"{_safe(instance_id)}.head.r{server_round:05d}.pt"
+    return kept.run_dir(settings, run_id) / f"{kept.safe_name(instance_id)}.model.pt"
 
 
 def load_head(
@@ -124,42 +109,30 @@ def load_head(
     """The newest head this instance trained before round ``before_round``, else a fresh one.
 
     Training in round r uses the head of round r-1 (or earlier, if the instance sat a round
-    out); evaluating round r uses round r's. A resumed run can find newer heads than its
-    checkpoint (the instance trained past it before the server stopped, or the run resumes from
-    an older checkpoint): it goes back to the kept head of the right round, and it is an error,
-    not a fresh head under a trained body, when that head is gone. A file left by an earlier
-    run of the same ``run-name`` is not reused unless this run resumes (``resume-from``).
+    out); evaluating round r uses round r's. A resumed run goes back to the kept head of the
+    right round (:func:`sigmax_fl.kept.load`), and it is an error, not a fresh head under a
+    trained body, when that head is gone. A file left by an earlier run of the same
+    ``run-name`` is not reused unless this run resumes (``resume-from``).
     """
-    path = head_path(settings, run_id, instance_id)
-    if path.is_file():
-        stored = torch.load(path, weights_only=True)
-        if stored["run_id"] != run_id and not settings.resume_from:
-            log.warning(
-                "%s: head file %s is from run %s, not this run %s (and resume-from is not set): "
-                "starting a fresh head",
-                instance_id,
-                path,
-                stored["run_id"],
-                run_id,
-            )
-            return fresh_head(settings.model, settings.seed, instance_id)
-        if stored["round"] < before_round:
-            return dict(stored["head"])
-        kept = sorted(path.parent.glob(f"{_safe(instance_id)}.head.r*.pt"))
-        rounds = {int(k.name.rsplit(".r", 1)[1][:-3]): k for k in kept}
-        usable = [r for r in rounds if r < before_round]
-        if usable:
-            return dict(torch.load(rounds[max(usable)], weights_only=True)["head"])
-        if before_round > 1:
-            raise FileNotFoundError(
-                f"{instance_id}: no head from before round {before_round} in {path.parent} "
-                f"(kept rounds {sorted(rounds)}): personalisation = 'local-head' resumes only "
-                "with each instance's heads (same run-name, a checkpoint within keep-checkpoints "
-                "of the newest)"
-            )
-    elif settings.resume_from and before_round > 1:
+    found = kept.load(settings, run_id, instance_id, HEAD, before_round)
+    if found.tensors is not None:
+        return found.tensors
+    if found.missing == "other-run":
+        log.warning(
+            "%s: head file %s is %s (and resume-from is not set): starting a fresh head",
+            instance_id,
+            found.path,
+            found.detail,
+        )
+    elif found.missing == "not-kept" and before_round > 1:
         raise FileNotFoundError(
-            f"{instance_id}: no head file {path} to resume with: under personalisation = "
+            f"{instance_id}: no head from before round {before_round} in {found.path.parent} "
+            f"({found.detail}): personalisation = 'local-head' resumes only with each "
+            "instance's heads (same run-name, a checkpoint within keep-checkpoints of the newest)"
+        )
+    elif found.missing == "absent" and settings.resume_from and before_round > 1:
+        raise FileNotFoundError(
+            f"{instance_id}: no head file {found.path} to resume with: under personalisation = "
             "'local-head' a resumed run needs each instance's head (keep run-name unchanged)"
         )
     return fresh_head(settings.model, settings.seed, instance_id)
@@ -168,27 +141,8 @@ def load_head(
 def save_head(
     settings: Settings, run_id: int, instance_id: str, head: State, server_round: int
 ) -> Path:
-    """Write the head atomically, as the latest and as this round's; keep a few rounds.
-
-    A crash mid-write leaves the previous round's head. ``keep-checkpoints`` + 1 round copies
-    are kept, so a run resumed from any checkpoint the server still keeps finds its heads.
-    """
-    path = head_path(settings, run_id, instance_id)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {
-        "head": {k: v.detach().clone() for k, v in head.items()},
-        "run_id": run_id,
-        "round": server_round,
-    }
-    for target in (_round_path(settings, run_id, instance_id, server_round), path):
-        tmp = target.with_name(f".{target.name}.tmp")
-        torch.save(payload, tmp)
-        tmp.replace(target)
-    keep = settings.keep_checkpoints + 1 if settings.keep_checkpoints else 0
-    kept = sorted(path.parent.glob(f"{_safe(instance_id)}.head.r*.pt"))
-    for old in kept[:-keep] if keep else []:
-        old.unlink()
-    return path
+    """Keep the head on the instance's disk, as the newest and as this round's."""
+    return kept.save(settings, run_id, instance_id, HEAD, dict(head), server_round)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,6 +21,8 @@ from flwr.app import (
 from flwr.common.serde import message_to_proto
 from flwr.supercore.task_identity import TaskIdentity
 
+from sigmax_fl import kept
+from sigmax_fl.client_app import RESIDUAL
 from sigmax_fl.codec import (
     BLOCK,
     ENCODING_KEY,
@@ -314,3 +316,64 @@ def test_npy_array_writes_flowers_bytes_and_reads_back_in_place(values: np.ndarr
     assert array.data == flower.data and array.dtype == flower.dtype
     assert tuple(array.shape) == tuple(flower.shape)
     np.testing.assert_array_equal(as_numpy(array), values.astype(np.float32))
+
+
+def _encoded_run(tmp_path: Path, encoding: str) -> dict:
+    """Three rounds of two synthetic instances sending ``encoding`` updates."""
+    return {
+        "num-server-rounds": 3,
+        "local-epochs": 1,
+        "data-sources": "synthetic:2:seed=3:start=2018-01-01:end=2019-12-31",
+        "min-available-nodes": 2,
+        "outputs-dir": str(tmp_path),
+        "update-encoding": encoding,
+    }
+
+
+@pytest.mark.parametrize("encoding", ["float32", "float16", "int8"])
+def test_a_resumed_encoded_run_ends_with_the_unbroken_runs_weights(
+    tmp_path: Path, encoding: str
+) -> None:
+    # Prepare
+    config = _encoded_run(tmp_path, encoding)
+
+    # Execute: one unbroken run; one stopped after round 2, then resumed with fresh instances
+    # (new processes: nothing of round 2 left in memory)
+    unbroken = in_process_run({**config, "run-name": "unbroken"}, 2)
+    in_process_run({**config, "run-name": "broken", "num-server-rounds": 2}, 2)
+    resumed = in_process_run(
+        {**config, "run-name": "broken", "resume-from": str(tmp_path / "broken")}, 2
+    )
+
+    # Assert: the error feedback each instance held back after round 2 went into its round 3
+    # update, so the resumed run ends with the unbroken run's weights, bit for bit
+    assert unbroken.keys() == resumed.keys()
+    for name in unbroken:
+        assert torch.equal(unbroken[name], resumed[name]), name
+
+
+def test_a_resumed_run_whose_instance_lost_its_residual_says_so(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Prepare: a run stopped after round 2; one instance's disk then loses its kept residuals
+    config = _encoded_run(tmp_path, "int8")
+    unbroken = in_process_run({**config, "run-name": "unbroken"}, 2)
+    in_process_run({**config, "run-name": "lost", "num-server-rounds": 2}, 2)
+    settings = Settings.from_run_config({**config, "run-name": "lost"})
+    instance = "synthetic-0001"
+    files = list(kept.kept_rounds(settings, 0, instance, RESIDUAL).values())
+    files.append(kept.latest_path(settings, 0, instance, RESIDUAL))
+    assert len(files) == 3  # rounds 1 and 2, and the newest
+    for path in files:
+        path.unlink()
+
+    # Execute: resume
+    with caplog.at_level(logging.WARNING):
+        resumed = in_process_run({**config, "run-name": "lost", "resume-from": "latest"}, 2)
+
+    # Assert: the run finishes; the warning names the instance and the round; that instance's
+    # round-3 update lacks its held-back error, so the model is not the unbroken run's
+    warnings = [r.getMessage() for r in caplog.records if "update-encoding residual" in r.message]
+    assert len(warnings) == 1 and warnings[0].startswith(f"{instance}: no update-encoding")
+    assert "before round 3" in warnings[0]
+    assert any(not torch.equal(unbroken[k], resumed[k]) for k in unbroken)

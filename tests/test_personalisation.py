@@ -16,7 +16,7 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 
-from sigmax_fl import attacks, personal, runs, task
+from sigmax_fl import attacks, kept, personal, runs, task
 from sigmax_fl.data import parse_sources
 from sigmax_fl.dataset import Recipe, load_instance
 from sigmax_fl.deploy.flwr_cli import FlwrHome
@@ -245,8 +245,8 @@ def test_a_resumed_run_goes_back_to_the_head_of_its_checkpoint_round(tmp_path: P
     with pytest.raises(FileNotFoundError, match="no head from before round 3"):
         personal.load_head(resumed, 8, "inst", before_round=3)
     personal.head_path(resumed, 8, "inst").unlink()
-    for kept in personal.instance_dir(resumed, 8).glob("inst.head.r*.pt"):
-        kept.unlink()
+    for path in kept.kept_rounds(resumed, 8, "inst", personal.HEAD).values():
+        path.unlink()
     with pytest.raises(FileNotFoundError, match="no head file"):
         personal.load_head(resumed, 8, "inst", before_round=3)
 
