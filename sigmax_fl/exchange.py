@@ -9,7 +9,9 @@ times it): in simulation a pull scans every pending message under the
 SuperLink state's lock, and polling a large federation hot would slow the very instances it
 waits for. Timeout semantics are those of ``send_and_receive``: replies that arrive later are
 left out, and what arrived is returned. In simulation a large phase is also fed to the engine a
-window at a time (:func:`in_flight_limit`), which changes when a message is sent, never what.
+window at a time (:func:`in_flight_limit`), which changes when a message is sent, never what;
+when the timeout ends the phase first, the messages still waiting for the window were never sent,
+and :class:`Replies` says which.
 """
 
 from __future__ import annotations
@@ -66,11 +68,22 @@ def in_flight_limit(grid: Grid, num_messages: int) -> int | None:
     return None if limit >= num_messages else limit
 
 
+class Replies(list[Message]):
+    """A phase's replies, in arrival order, and the messages it never sent (:attr:`unsent`)."""
+
+    def __init__(self, replies: Iterable[Message] = (), unsent: Iterable[Message] = ()) -> None:
+        super().__init__(replies)
+        self.unsent = list(unsent)
+        """Messages still waiting for the in-flight window when the timeout ran out, or that
+        the grid would not take: no instance ever saw them, so they are neither sent bytes
+        nor silences."""
+
+
 def send_and_receive(
     grid: Grid,
     messages: Iterable[Message],
     timeout: float | None,
-) -> list[Message]:
+) -> Replies:
     """Push ``messages`` and return the replies that arrive within ``timeout`` seconds.
 
     Parameters
@@ -81,29 +94,32 @@ def send_and_receive(
         Messages to push; in simulation at most :func:`in_flight_limit` of them at a time,
         the next ones as replies come in.
     timeout : float | None
-        Seconds to wait for replies; None waits for all of them. Messages still queued at
-        the deadline are never sent, like replies that are late: both are missing.
+        Seconds to wait for replies; None waits for all of them. Replies that come later are
+        left out; messages still queued at the deadline are never sent.
 
     Returns
     -------
-    list[Message]
-        Replies, in arrival order.
+    Replies
+        Replies, in arrival order, and the messages never sent.
     """
     if not type(grid).__module__.startswith("flwr."):
         # A Grid of this project's own (the in-process LoopbackGrid of `make attacks` and the
         # tests) answers at once and records what it delivers in its own send_and_receive.
-        return list(grid.send_and_receive(messages, timeout=timeout))
+        return Replies(grid.send_and_receive(messages, timeout=timeout))
     queued = deque(messages)
     limit = in_flight_limit(grid, len(queued)) or len(queued)
     longest = SIMULATION_MAX_INTERVAL if isinstance(grid, InMemoryGrid) else MAX_INTERVAL
     deadline = None if timeout is None else time.monotonic() + timeout
     pending: set[str] = set()
-    replies: list[Message] = []
+    replies = Replies()
     interval = MIN_INTERVAL
     while queued or pending:
         if queued and len(pending) < limit:
             batch = [queued.popleft() for _ in range(min(limit - len(pending), len(queued)))]
-            pending.update(i for i in grid.push_messages(batch) if i)
+            pushed = {i for i in grid.push_messages(batch) if i}
+            pending |= pushed
+            # Both of Flower's grids set each message's id before they store it
+            replies.unsent += [m for m in batch if m.metadata.message_id not in pushed]
             if not pending:
                 continue
         started = time.monotonic()
@@ -124,4 +140,5 @@ def send_and_receive(
         if got and queued:
             continue  # refill the freed slots at once
         time.sleep(wait)
+    replies.unsent += queued
     return replies

@@ -197,6 +197,7 @@ def run_round(
         strategy.configure_train(server_round, _record(state.arrays), config, grid),
         timeout=settings.round_timeout,
     )
+    strategy.not_sent(train_replies.unsent)
     new_arrays, train_metrics = strategy.aggregate_train(server_round, train_replies)
     arrays = state.arrays if new_arrays is None else {k: as_numpy(a) for k, a in new_arrays.items()}
     if accountant is not None and new_arrays is not None:
@@ -252,6 +253,7 @@ def evaluate_round(
         ),
         timeout=settings.round_timeout,
     )
+    strategy.not_sent(evaluate_replies.unsent)
     scores = strategy.aggregate_evaluate(state.round, evaluate_replies)
     return _scored(
         state,

@@ -157,7 +157,8 @@ class Screened:
     weight: float = 0.0
     payload_bytes: int = 0
     missing: bool = False
-    """Sent a train message but no reply arrived within ``round-timeout``."""
+    """Sampled for training but no reply arrived within ``round-timeout`` (or, in a large
+    simulation, the timeout ran out before its message was sent: see ``reason``)."""
 
     @property
     def ok(self) -> bool:
@@ -556,6 +557,7 @@ class WeightedFedAvg(FedAvg):
         self.wait_for_nodes_timeout = wait_for_nodes_timeout
         self._sent: ArrayRecord | None = None
         self._sampled: list[int] = []
+        self._unsent: set[int] = set()
         self.node_names: dict[int, str] = {}
         """Instance id each node last gave, to name its error replies and silences."""
         self.last_train: list[Screened] = []
@@ -598,7 +600,7 @@ class WeightedFedAvg(FedAvg):
         if self.fraction_train == 0.0:
             return []
         nodes = self._sample(grid, self.fraction_train, self.min_train_nodes)
-        self._sampled = nodes
+        self._sampled, self._unsent = nodes, set()
         config["server-round"] = server_round
         self.last_sent_bytes = arrays.count_bytes() * len(nodes)
         log.info("round %d: training on %d node(s)", server_round, len(nodes))
@@ -613,6 +615,17 @@ class WeightedFedAvg(FedAvg):
         config["server-round"] = server_round
         self.last_sent_bytes += arrays.count_bytes() * len(nodes)
         return self._messages(arrays, config, nodes, MessageType.EVALUATE)
+
+    def not_sent(self, messages: Iterable[Message]) -> None:
+        """Messages of the last ``configure_*`` that never left (``exchange.Replies.unsent``).
+
+        Their bytes come off :attr:`last_sent_bytes`, and a train message's instance is reported
+        as never asked rather than as silent.
+        """
+        for message in messages:
+            self.last_sent_bytes -= message.content[self.arrayrecord_key].count_bytes()
+            if message.metadata.message_type == MessageType.TRAIN:
+                self._unsent.add(message.metadata.dst_node_id)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -633,7 +646,12 @@ class WeightedFedAvg(FedAvg):
             Screened(
                 self.node_names.get(node, f"node-{node}"),
                 node,
-                reason="no reply within round-timeout",
+                reason=(
+                    "not sent: round-timeout ran out while its message waited for the "
+                    "simulation's in-flight window"
+                    if node in self._unsent
+                    else "no reply within round-timeout"
+                ),
                 missing=True,
             )
             for node in self._sampled

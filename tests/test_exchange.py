@@ -10,13 +10,15 @@ import threading
 import time
 from collections.abc import Iterator
 
+import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.server.superlink.linkstate.in_memory_linkstate import InMemoryLinkState
 from flwr.superlink.grid import InMemoryGrid
 
 from bench.inmemory import in_memory_federation
 from sigmax_fl import exchange
+from sigmax_fl.strategy import WeightedFedAvg
 
 
 class Nodes:
@@ -97,3 +99,27 @@ def test_a_silent_node_costs_the_timeout_and_the_others_are_returned(federation)
 
     assert sorted(m.metadata.src_node_id for m in replies) == sorted(nodes.nodes[1:])
     assert 0.5 <= took < 0.8, took
+
+
+@pytest.mark.parametrize("federation", [200], indirect=True)
+def test_what_the_timeout_kept_from_the_window_is_reported_as_never_sent(federation) -> None:
+    # Prepare: every instance sampled, none answers; the window holds fewer than all of them
+    grid, nodes = federation
+    nodes.silent = set(nodes.nodes)
+    strategy = WeightedFedAvg(fraction_train=1.0, min_available_nodes=len(nodes.nodes))
+    model = ArrayRecord({"w": Array(np.zeros(1000, dtype=np.float32))})
+    messages = list(strategy.configure_train(1, model, ConfigRecord(), grid))
+    limit = exchange.in_flight_limit(grid, len(messages))
+    assert limit is not None and 0 < limit < len(messages)
+
+    # Execute: a round whose timeout ends before the window ever frees a slot
+    replies = exchange.send_and_receive(grid, messages, timeout=0.3)
+    strategy.not_sent(replies.unsent)
+    strategy.aggregate_train(1, replies)
+
+    # Assert: the messages still queued are the unsent ones; only what left counts as sent
+    assert replies == [] and replies.unsent == messages[limit:]
+    assert strategy.last_sent_bytes == limit * model.count_bytes()
+    reasons = {s.node_id: s.reason for s in strategy.last_train}
+    assert all(reasons[m.metadata.dst_node_id].startswith("no reply") for m in messages[:limit])
+    assert all(reasons[m.metadata.dst_node_id].startswith("not sent") for m in messages[limit:])
