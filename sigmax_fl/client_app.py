@@ -44,6 +44,7 @@ from sigmax_fl.strategy import (
     EVALUATE_RECEIVED_KEY,
     EVALUATION_KEY,
     META_KEY,
+    RUN_FOLDER_KEY,
     WEIGHT_KEY,
 )
 from sigmax_fl.targets import VALIDATION_METRICS
@@ -57,8 +58,12 @@ app = ClientApp()
 log = logging.getLogger(f"flwr.{__name__}")
 
 
-def _instance(context: Context) -> tuple[Settings, str, InstanceData]:
+def _instance(context: Context, message: Message) -> tuple[Settings, str, InstanceData]:
     settings = Settings.from_run_config(context.run_config)
+    if folder := message.content.config_records.get("config", {}).get(RUN_FOLDER_KEY):
+        # What this instance keeps between rounds goes under the server's run folder name,
+        # which a resumed run keeps (sigmax_fl.kept)
+        settings = replace(settings, run_name=str(folder))
     source = source_for_node(dict(context.node_config), settings.data_sources, settings.data_dir)
     recipe = Recipe.of(settings)
     # This instance's own rate, for every training path (plain, DP-SGD, fine-tuning)
@@ -150,7 +155,7 @@ def train(message: Message, context: Context) -> Message:
     too; they are taken before training changes the model.
     """
     # Load this instance's data (cached) and the global model
-    settings, instance_id, data = _instance(context)
+    settings, instance_id, data = _instance(context, message)
     data = _federated(settings, message, data)
     model = _model(settings, message, instance_id, context)
     server_round = int(message.content["config"].get("server-round", 0))
@@ -201,17 +206,16 @@ def encoded(
     local = {k: as_numpy(a) for k, a in reply.content["arrays"].items()}
     received = {k: as_numpy(a) for k, a in message.content["arrays"].items()}
     found = kept.load(settings, run_id, instance_id, RESIDUAL, before_round=server_round)
-    resumed = settings.resume_from and server_round > 1
-    if found.tensors is None and found.missing != "other-run" and resumed:
-        log.warning(
-            "%s: no update-encoding residual from before round %d (%s%s): this instance's "
-            "error feedback restarts from zero, so the resumed run can differ from an unbroken "
-            "one by up to one round's %s rounding",
+    if found.missing == "not-kept" or (found.missing == "absent" and settings.resume_from):
+        # not-kept: this instance trained past the checkpoint and no longer has its round.
+        # absent in a resumed run: its first round of the run, or its disk lost the folder.
+        (log.warning if found.missing == "not-kept" else log.info)(
+            "%s: no update-encoding residual from before round %d in %s%s: its error "
+            "feedback starts from zero",
             instance_id,
             server_round,
-            found.path,
-            f", {found.detail}" if found.detail else "",
-            encoding,
+            found.path.parent,
+            f" ({found.detail})" if found.detail else "",
         )
     residual = {k: v.numpy() for k, v in (found.tensors or {}).items()} or None
     arrays, left = codec.encode_update(local, received, encoding, residual)
@@ -281,7 +285,7 @@ class PrivacyBudgetError(RuntimeError):
 @app.evaluate()
 def evaluate(message: Message, context: Context) -> Message:
     """Score the received global model (or this instance's personalised one) on its val rows."""
-    settings, instance_id, data = _instance(context)
+    settings, instance_id, data = _instance(context, message)
     data = _federated(settings, message, data)
     model = _model(settings, message, instance_id, context)
     return _reply(message, instance_id, _scores(settings, model, data, instance_id, context.run_id))
@@ -307,7 +311,7 @@ def scaler_statistics(message: Message, context: Context) -> Message:
     Count, per-feature sum and per-feature sum of squared deviations of the training rows'
     unscaled features; no rows, no other split. Refused unless the run opted in.
     """
-    settings, instance_id, data = _instance(context)
+    settings, instance_id, data = _instance(context, message)
     if settings.scaler != "federated":
         raise ConfigError(
             f"{instance_id}: scaler statistics requested, but run-config 'scaler' = "

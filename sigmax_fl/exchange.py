@@ -11,7 +11,7 @@ waits for. Timeout semantics are those of ``send_and_receive``: replies that arr
 left out, and what arrived is returned. In simulation a large phase is also fed to the engine a
 window at a time (:func:`in_flight_limit`), which changes when a message is sent, never what;
 when the timeout ends the phase first, the messages still waiting for the window were never sent,
-and :class:`Replies` says which.
+and :class:`Replies` says which (and which the grid refused).
 """
 
 from __future__ import annotations
@@ -69,14 +69,17 @@ def in_flight_limit(grid: Grid, num_messages: int) -> int | None:
 
 
 class Replies(list[Message]):
-    """A phase's replies, in arrival order, and the messages it never sent (:attr:`unsent`)."""
+    """A phase's replies, in arrival order, and the messages it never sent.
 
-    def __init__(self, replies: Iterable[Message] = (), unsent: Iterable[Message] = ()) -> None:
+    No instance saw those, so they are neither sent bytes nor silences.
+    """
+
+    def __init__(self, replies: Iterable[Message] = ()) -> None:
         super().__init__(replies)
-        self.unsent = list(unsent)
-        """Messages still waiting for the in-flight window when the timeout ran out, or that
-        the grid would not take: no instance ever saw them, so they are neither sent bytes
-        nor silences."""
+        self.unsent: list[Message] = []
+        """Still waiting for the in-flight window when the timeout ran out."""
+        self.refused: list[Message] = []
+        """Pushed, but the grid did not take them (an invalid or oversized message)."""
 
 
 def send_and_receive(
@@ -100,7 +103,7 @@ def send_and_receive(
     Returns
     -------
     Replies
-        Replies, in arrival order, and the messages never sent.
+        Replies, in arrival order, and the messages never sent or refused.
     """
     if not type(grid).__module__.startswith("flwr."):
         # A Grid of this project's own (the in-process LoopbackGrid of `make attacks` and the
@@ -119,7 +122,7 @@ def send_and_receive(
             pushed = {i for i in grid.push_messages(batch) if i}
             pending |= pushed
             # Both of Flower's grids set each message's id before they store it
-            replies.unsent += [m for m in batch if m.metadata.message_id not in pushed]
+            replies.refused += [m for m in batch if m.metadata.message_id not in pushed]
             if not pending:
                 continue
         started = time.monotonic()

@@ -6,15 +6,22 @@ of an ``update-encoding`` other than float32 (:mod:`sigmax_fl.client_app`). Flow
 ``context.state`` would hold them for one Flower run only, and a resumed run is a new Flower
 run on possibly restarted SuperNodes, so both are files here, written as each round trains:
 
-- ``<instance>.<kind>.pt``, the newest, which is what an unbroken run reads;
-- ``<instance>.<kind>.rNNNNN.pt``, one per round trained, the last ``keep-checkpoints`` + 1 of
-  them, so a run resumed from any checkpoint the server still keeps goes back to the state of
-  that round, not to a newer one the instance trained past it before the server stopped.
+- ``<run>/<instance>/<kind>.pt``, the newest, which is what an unbroken run reads;
+- ``<run>/<instance>/<kind>.rNNNNN.pt``, one per round trained, the last ``keep-checkpoints`` + 1
+  of them (all with 0), so a run resumed from any checkpoint the server still keeps goes back to
+  the state of that round, not to a newer one the instance trained past it before it stopped.
+
+``<run>`` is the server's run folder name, which every train and evaluate message carries
+(:data:`sigmax_fl.strategy.RUN_FOLDER_KEY`): unique per run, and the same when the run resumes,
+with or without a ``run-name``. One folder per instance keeps each listing of kept rounds to a
+few files in a simulation of thousands of instances.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,36 +33,35 @@ from sigmax_fl.settings import Settings
 Tensors = dict[str, torch.Tensor]
 
 
-def safe_name(name: str) -> str:
-    """An instance id as a file-name part."""
+def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", name)
 
 
-def run_dir(settings: Settings, run_id: int) -> Path:
+def instance_dir(settings: Settings, run_id: int, instance_id: str) -> Path:
     """Where an instance keeps its state for one run, next to its feature cache.
 
-    Keyed by ``run-name`` when set (so a resumed run finds it), else by Flower's run id.
+    Keyed by ``run-name``, which the ClientApp sets to the server's run folder name
+    (:data:`sigmax_fl.strategy.RUN_FOLDER_KEY`), else by Flower's run id.
     """
     run = settings.run_name or f"run-{run_id}"
-    return default_cache_dir().parent / "personal" / safe_name(run)
+    return default_cache_dir().parent / "personal" / _safe(run) / _safe(instance_id)
 
 
 def latest_path(settings: Settings, run_id: int, instance_id: str, kind: str) -> Path:
     """The newest ``kind`` state of an instance."""
-    return run_dir(settings, run_id) / f"{safe_name(instance_id)}.{kind}.pt"
+    return instance_dir(settings, run_id, instance_id) / f"{kind}.pt"
 
 
 def round_path(
     settings: Settings, run_id: int, instance_id: str, kind: str, server_round: int
 ) -> Path:
     """The ``kind`` state as one round left it."""
-    return run_dir(settings, run_id) / f"{safe_name(instance_id)}.{kind}.r{server_round:05d}.pt"
+    return instance_dir(settings, run_id, instance_id) / f"{kind}.r{server_round:05d}.pt"
 
 
 def kept_rounds(settings: Settings, run_id: int, instance_id: str, kind: str) -> dict[int, Path]:
-    """The rounds whose ``kind`` state is still kept, and their files."""
-    pattern = f"{safe_name(instance_id)}.{kind}.r*.pt"
-    files = run_dir(settings, run_id).glob(pattern)
+    """The rounds whose ``kind`` state is still kept, and their files, oldest first."""
+    files = instance_dir(settings, run_id, instance_id).glob(f"{kind}.r*.pt")
     return {int(p.name.rsplit(".r", 1)[1][:-3]): p for p in sorted(files)}
 
 
@@ -67,9 +73,12 @@ def save(
     tensors: Tensors,
     server_round: int,
 ) -> Path:
-    """Write the state atomically, as the newest and as this round's; keep a few rounds.
+    """Write the state atomically, as this round's and as the newest; keep a few rounds.
 
-    A crash mid-write leaves the previous round's files whole.
+    The newest is a hard link to this round's file where the file system allows it, so a
+    model-sized state is written once. A crash mid-write leaves the previous round's files
+    whole; two writers (a late message of a timed-out round and the next round's) never share
+    a temporary file.
     """
     path = latest_path(settings, run_id, instance_id, kind)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -78,10 +87,18 @@ def save(
         "run_id": run_id,
         "round": server_round,
     }
-    for target in (round_path(settings, run_id, instance_id, kind, server_round), path):
-        tmp = target.with_name(f".{target.name}.tmp")
-        torch.save(payload, tmp)
-        tmp.replace(target)
+    newer = [r for r in kept_rounds(settings, run_id, instance_id, kind) if r > server_round]
+    this_round = round_path(settings, run_id, instance_id, kind, server_round)
+    tmp = this_round.with_name(f".{this_round.name}.{uuid.uuid4().hex}.tmp")
+    torch.save(payload, tmp)
+    tmp.replace(this_round)
+    if not newer:  # a late message of an earlier round does not replace the newest state
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+        try:
+            os.link(this_round, tmp)
+        except OSError:  # no hard links here (some network or FAT file systems): a copy
+            torch.save(payload, tmp)
+        tmp.replace(path)
     keep = settings.keep_checkpoints + 1 if settings.keep_checkpoints else 0
     kept = list(kept_rounds(settings, run_id, instance_id, kind).values())
     for old in kept[:-keep] if keep else []:

@@ -100,7 +100,7 @@ def head_path(settings: Settings, run_id: int, instance_id: str) -> Path:
 
 def model_path(settings: Settings, run_id: int, instance_id: str) -> Path:
     """The instance's own full model (shared body + its head), as last evaluated."""
-    return kept.run_dir(settings, run_id) / f"{kept.safe_name(instance_id)}.model.pt"
+    return kept.instance_dir(settings, run_id, instance_id) / "model.pt"
 
 
 def load_head(

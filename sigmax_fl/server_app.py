@@ -197,7 +197,7 @@ def run_round(
         strategy.configure_train(server_round, _record(state.arrays), config, grid),
         timeout=settings.round_timeout,
     )
-    strategy.not_sent(train_replies.unsent)
+    _not_sent(strategy, train_replies)
     new_arrays, train_metrics = strategy.aggregate_train(server_round, train_replies)
     arrays = state.arrays if new_arrays is None else {k: as_numpy(a) for k, a in new_arrays.items()}
     if accountant is not None and new_arrays is not None:
@@ -237,6 +237,15 @@ def run_round(
     return evaluate_round(state, strategy, grid, settings)
 
 
+def _not_sent(strategy: WeightedFedAvg, replies: exchange.Replies) -> None:
+    """Tell the strategy which of a phase's messages never left, and why."""
+    strategy.not_sent(
+        replies.unsent,
+        "round-timeout ran out while its message waited for the simulation's in-flight window",
+    )
+    strategy.not_sent(replies.refused, "the SuperLink did not take the message")
+
+
 def evaluate_round(
     state: ServerState, strategy: WeightedFedAvg, grid: Grid, settings: Settings
 ) -> ServerState:
@@ -253,7 +262,7 @@ def evaluate_round(
         ),
         timeout=settings.round_timeout,
     )
-    strategy.not_sent(evaluate_replies.unsent)
+    _not_sent(strategy, evaluate_replies)
     scores = strategy.aggregate_evaluate(state.round, evaluate_replies)
     return _scored(
         state,
@@ -429,6 +438,7 @@ def main(grid: Grid, context: Context) -> None:
         return
 
     strategy = settings.strategy(noise_std=_central_noise_std(settings))
+    strategy.run_folder = run_dir.name  # the same when the run resumes
     if state.rng:
         strategy.rng.bit_generator.state = state.rng
     accountant = CentralAccountant() if settings.dp == "central" else None

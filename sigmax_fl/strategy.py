@@ -66,6 +66,9 @@ EPSILON_KEY = "dp-epsilon"
 """Metric a ClientApp under local DP reports: its per-row epsilon so far (not averaged)."""
 META_KEY = "meta"
 """ConfigRecord a sigmax-fl ClientApp adds to each reply, holding its ``instance-id``."""
+RUN_FOLDER_KEY = "run-folder"
+"""Train and evaluate config: the server's run folder name, the same when the run resumes;
+instances key what they keep between rounds by it (:mod:`sigmax_fl.kept`)."""
 EVALUATE_RECEIVED_KEY = "evaluate-received"
 """Train-config flag (``evaluate-on-receipt``): score the received model before training."""
 EVALUATION_KEY = "evaluation"
@@ -557,7 +560,10 @@ class WeightedFedAvg(FedAvg):
         self.wait_for_nodes_timeout = wait_for_nodes_timeout
         self._sent: ArrayRecord | None = None
         self._sampled: list[int] = []
-        self._unsent: set[int] = set()
+        self._unsent: dict[int, str] = {}
+        self.run_folder = ""
+        """The ServerApp's run folder name, sent with every train and evaluate message: instances
+        key what they keep between rounds by it (:mod:`sigmax_fl.kept`)."""
         self.node_names: dict[int, str] = {}
         """Instance id each node last gave, to name its error replies and silences."""
         self.last_train: list[Screened] = []
@@ -600,8 +606,10 @@ class WeightedFedAvg(FedAvg):
         if self.fraction_train == 0.0:
             return []
         nodes = self._sample(grid, self.fraction_train, self.min_train_nodes)
-        self._sampled, self._unsent = nodes, set()
+        self._sampled, self._unsent = nodes, {}
         config["server-round"] = server_round
+        if self.run_folder:
+            config[RUN_FOLDER_KEY] = self.run_folder
         self.last_sent_bytes = arrays.count_bytes() * len(nodes)
         log.info("round %d: training on %d node(s)", server_round, len(nodes))
         return self._messages(arrays, config, nodes, MessageType.TRAIN)
@@ -613,19 +621,21 @@ class WeightedFedAvg(FedAvg):
             return []
         nodes = self._sample(grid, self.fraction_evaluate, self.min_evaluate_nodes)
         config["server-round"] = server_round
+        if self.run_folder:
+            config[RUN_FOLDER_KEY] = self.run_folder
         self.last_sent_bytes += arrays.count_bytes() * len(nodes)
         return self._messages(arrays, config, nodes, MessageType.EVALUATE)
 
-    def not_sent(self, messages: Iterable[Message]) -> None:
-        """Messages of the last ``configure_*`` that never left (``exchange.Replies.unsent``).
+    def not_sent(self, messages: Iterable[Message], why: str) -> None:
+        """Messages of the last ``configure_*`` that never left (see ``exchange.Replies``).
 
         Their bytes come off :attr:`last_sent_bytes`, and a train message's instance is reported
-        as never asked rather than as silent.
+        as ``not sent: <why>`` rather than as silent.
         """
         for message in messages:
             self.last_sent_bytes -= message.content[self.arrayrecord_key].count_bytes()
             if message.metadata.message_type == MessageType.TRAIN:
-                self._unsent.add(message.metadata.dst_node_id)
+                self._unsent[message.metadata.dst_node_id] = f"not sent: {why}"
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -646,12 +656,7 @@ class WeightedFedAvg(FedAvg):
             Screened(
                 self.node_names.get(node, f"node-{node}"),
                 node,
-                reason=(
-                    "not sent: round-timeout ran out while its message waited for the "
-                    "simulation's in-flight window"
-                    if node in self._unsent
-                    else "no reply within round-timeout"
-                ),
+                reason=self._unsent.get(node, "no reply within round-timeout"),
                 missing=True,
             )
             for node in self._sampled

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,7 @@ from flwr.common.serde import message_to_proto
 from flwr.supercore.task_identity import TaskIdentity
 
 from sigmax_fl import kept
-from sigmax_fl.client_app import RESIDUAL
+from sigmax_fl.attacks import LoopbackGrid, run_server_app, simulated_nodes
 from sigmax_fl.codec import (
     BLOCK,
     ENCODING_KEY,
@@ -318,8 +319,10 @@ def test_npy_array_writes_flowers_bytes_and_reads_back_in_place(values: np.ndarr
     np.testing.assert_array_equal(as_numpy(array), values.astype(np.float32))
 
 
-def _encoded_run(tmp_path: Path, encoding: str) -> dict:
-    """Three rounds of two synthetic instances sending ``encoding`` updates."""
+def _encoded_run(tmp_path: Path, encoding: str, monkeypatch: pytest.MonkeyPatch) -> dict:
+    """Three rounds of two synthetic instances sending ``encoding`` updates; what the instances
+    keep on their disk goes under ``tmp_path`` (not shared with other tests' runs)."""
+    monkeypatch.setenv("SIGMAX_FL_CACHE_DIR", str(tmp_path / "instances" / "features"))
     return {
         "num-server-rounds": 3,
         "local-epochs": 1,
@@ -332,48 +335,60 @@ def _encoded_run(tmp_path: Path, encoding: str) -> dict:
 
 @pytest.mark.parametrize("encoding", ["float32", "float16", "int8"])
 def test_a_resumed_encoded_run_ends_with_the_unbroken_runs_weights(
-    tmp_path: Path, encoding: str
+    tmp_path: Path, encoding: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Prepare
-    config = _encoded_run(tmp_path, encoding)
-
-    # Execute: one unbroken run; one stopped after round 2, then resumed with fresh instances
-    # (new processes: nothing of round 2 left in memory)
+    config = _encoded_run(tmp_path, encoding, monkeypatch)
     unbroken = in_process_run({**config, "run-name": "unbroken"}, 2)
-    in_process_run({**config, "run-name": "broken", "num-server-rounds": 2}, 2)
-    resumed = in_process_run(
-        {**config, "run-name": "broken", "resume-from": str(tmp_path / "broken")}, 2
-    )
 
-    # Assert: the error feedback each instance held back after round 2 went into its round 3
-    # update, so the resumed run ends with the unbroken run's weights, bit for bit
-    assert unbroken.keys() == resumed.keys()
-    for name in unbroken:
-        assert torch.equal(unbroken[name], resumed[name]), name
+    # Execute: fresh instances (new processes: nothing of an earlier round left in memory)
+    # resume (a) a run stopped after round 2, under another run-name, and (b) a run without a
+    # run-name that finished, from its round-2 checkpoint: its instances trained round 3
+    # already and must go back to what they kept after round 2
+    def run(run_config: dict, run_id: int) -> None:
+        run_server_app(LoopbackGrid(simulated_nodes(run_config, run_id, 2), run_id), run_config)
+
+    run({**config, "run-name": "stopped", "num-server-rounds": 2}, 11)
+    run({**config, "run-name": "renamed", "resume-from": str(tmp_path / "stopped")}, 12)
+    stopped = torch.load(tmp_path / "stopped" / "final_model.pt", weights_only=True)
+    finished = {**config, "run-name": ""}
+    run(finished, 21)
+    (folder,) = tmp_path.glob("run-*")
+    run({**finished, "resume-from": str(folder / "checkpoints" / "round-00002.pt")}, 22)
+    rewound = torch.load(folder / "final_model.pt", weights_only=True)
+
+    # Assert: each instance's round-3 update carried the error it held back after round 2,
+    # so both resumed runs end with the unbroken run's weights, bit for bit
+    for resumed in (stopped, rewound):
+        assert unbroken.keys() == resumed.keys()
+        for name in unbroken:
+            assert torch.equal(unbroken[name], resumed[name]), name
 
 
-def test_a_resumed_run_whose_instance_lost_its_residual_says_so(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+def test_an_instance_that_lost_its_residual_restarts_it_from_zero_and_says_so(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Prepare: a run stopped after round 2; one instance's disk then loses its kept residuals
-    config = _encoded_run(tmp_path, "int8")
+    # Prepare: a run stopped after round 2; one instance's disk then loses what it kept
+    config = _encoded_run(tmp_path, "int8", monkeypatch)
     unbroken = in_process_run({**config, "run-name": "unbroken"}, 2)
     in_process_run({**config, "run-name": "lost", "num-server-rounds": 2}, 2)
     settings = Settings.from_run_config({**config, "run-name": "lost"})
     instance = "synthetic-0001"
-    files = list(kept.kept_rounds(settings, 0, instance, RESIDUAL).values())
-    files.append(kept.latest_path(settings, 0, instance, RESIDUAL))
-    assert len(files) == 3  # rounds 1 and 2, and the newest
-    for path in files:
-        path.unlink()
+    folder = kept.instance_dir(settings, 0, instance)
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "residual.pt",
+        "residual.r00001.pt",
+        "residual.r00002.pt",
+    ]
+    shutil.rmtree(folder)
 
     # Execute: resume
-    with caplog.at_level(logging.WARNING):
+    with caplog.at_level(logging.INFO, logger="flwr.sigmax_fl.client_app"):
         resumed = in_process_run({**config, "run-name": "lost", "resume-from": "latest"}, 2)
 
-    # Assert: the run finishes; the warning names the instance and the round; that instance's
+    # Assert: the run finishes; the log names the instance and the round; that instance's
     # round-3 update lacks its held-back error, so the model is not the unbroken run's
-    warnings = [r.getMessage() for r in caplog.records if "update-encoding residual" in r.message]
-    assert len(warnings) == 1 and warnings[0].startswith(f"{instance}: no update-encoding")
-    assert "before round 3" in warnings[0]
+    said = [r.getMessage() for r in caplog.records if "update-encoding residual" in r.message]
+    assert len(said) == 1 and said[0].startswith(f"{instance}: no update-encoding residual")
+    assert "before round 3" in said[0] and "starts from zero" in said[0]
     assert any(not torch.equal(unbroken[k], resumed[k]) for k in unbroken)

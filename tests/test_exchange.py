@@ -114,12 +114,26 @@ def test_what_the_timeout_kept_from_the_window_is_reported_as_never_sent(federat
 
     # Execute: a round whose timeout ends before the window ever frees a slot
     replies = exchange.send_and_receive(grid, messages, timeout=0.3)
-    strategy.not_sent(replies.unsent)
+    strategy.not_sent(replies.unsent, "waited for the window")
     strategy.aggregate_train(1, replies)
 
     # Assert: the messages still queued are the unsent ones; only what left counts as sent
-    assert replies == [] and replies.unsent == messages[limit:]
+    assert replies == [] and replies.unsent == messages[limit:] and replies.refused == []
     assert strategy.last_sent_bytes == limit * model.count_bytes()
     reasons = {s.node_id: s.reason for s in strategy.last_train}
-    assert all(reasons[m.metadata.dst_node_id].startswith("no reply") for m in messages[:limit])
-    assert all(reasons[m.metadata.dst_node_id].startswith("not sent") for m in messages[limit:])
+    for m in messages:
+        sent = m in messages[:limit]
+        expected = "no reply within round-timeout" if sent else "not sent: waited for the window"
+        assert reasons[m.metadata.dst_node_id] == expected
+
+
+@pytest.mark.parametrize("federation", [3], indirect=True)
+def test_a_message_the_state_refuses_is_returned_as_refused(federation) -> None:
+    grid, nodes = federation
+    unknown = max(nodes.nodes) + 1  # no such node: Flower's state will not store its message
+    messages = _messages([*nodes.nodes, unknown])
+
+    replies = exchange.send_and_receive(grid, messages, timeout=10)
+
+    assert sorted(m.metadata.src_node_id for m in replies) == sorted(nodes.nodes)
+    assert replies.refused == messages[-1:] and replies.unsent == []

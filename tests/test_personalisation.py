@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -249,6 +250,25 @@ def test_a_resumed_run_goes_back_to_the_head_of_its_checkpoint_round(tmp_path: P
         path.unlink()
     with pytest.raises(FileNotFoundError, match="no head file"):
         personal.load_head(resumed, 8, "inst", before_round=3)
+
+
+def test_a_head_file_of_another_run_is_not_reused_unless_resuming(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Prepare: run 7 of this run folder name left a trained head behind
+    settings = Settings(use_case="multi-strategy", run_name=f"reused-{tmp_path.name}")
+    trained = personal.fresh_head("trading-mlp", 99, "inst")
+    personal.save_head(settings, 7, "inst", trained, 3)
+    fresh = personal.fresh_head("trading-mlp", settings.seed, "inst")
+
+    # Execute / Assert: a new run (id 9) starts a fresh head and says why; a resumed one goes on
+    with caplog.at_level(logging.WARNING, logger="flwr.sigmax_fl.personal"):
+        got = personal.load_head(settings, 9, "inst", before_round=1)
+    assert all(torch.equal(got[k], fresh[k]) for k in HEAD)
+    assert "is from run 7, not this run 9" in caplog.text
+    resumed = Settings(**{**vars(settings), "resume_from": "latest"})
+    got = personal.load_head(resumed, 9, "inst", before_round=4)
+    assert all(torch.equal(got[k], trained[k]) for k in HEAD)
 
 
 def test_fine_tuned_copy_differs_and_the_original_is_untouched() -> None:
