@@ -11,9 +11,9 @@ and so survives coarse number formats far better than the weights themselves:
 
 Error feedback: what the encoding loses (the residual ``delta - decoded``) stays on the
 instance, on its own disk (:mod:`sigmax_fl.kept`, so a resumed run has it too), and is added to
-its next delta. The error therefore
-does not accumulate over rounds: each round's sent updates sum to the true updates up to the
-one residual still held back, which is bounded by one round's quantisation step.
+its next delta. The error therefore does not accumulate over rounds: each round's sent updates
+sum to the true updates up to the one residual still held back, which is bounded by one round's
+quantisation step.
 
 The server decodes a reply back to full weights (``global + delta``, float32) before
 screening, so norm bounds, caps, robust rules and DP see ordinary models; a reply that does not

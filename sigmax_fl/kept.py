@@ -112,8 +112,9 @@ class Found:
 
     tensors: Tensors | None
     missing: str = ""
-    """``absent`` (never written), ``other-run`` (the files belong to an earlier run of the
-    same run-name and this run does not resume) or ``not-kept`` (only rounds too new are kept)."""
+    """``absent`` (never written), ``other-run`` (the files belong to an earlier run under the
+    same run folder name and this run does not resume) or ``not-kept`` (only rounds too new are
+    kept)."""
     path: Path = field(default_factory=Path)
     detail: str = ""
     """For the log or the error: whose files they are, or which rounds are kept."""

@@ -111,8 +111,8 @@ def load_head(
     Training in round r uses the head of round r-1 (or earlier, if the instance sat a round
     out); evaluating round r uses round r's. A resumed run goes back to the kept head of the
     right round (:func:`sigmax_fl.kept.load`), and it is an error, not a fresh head under a
-    trained body, when that head is gone. A file left by an earlier run of the same
-    ``run-name`` is not reused unless this run resumes (``resume-from``).
+    trained body, when that head is gone. A file left by an earlier run under the same run
+    folder name is not reused unless this run resumes (``resume-from``).
     """
     found = kept.load(settings, run_id, instance_id, HEAD, before_round)
     if found.tensors is not None:
@@ -128,12 +128,12 @@ def load_head(
         raise FileNotFoundError(
             f"{instance_id}: no head from before round {before_round} in {found.path.parent} "
             f"({found.detail}): personalisation = 'local-head' resumes only with each "
-            "instance's heads (same run-name, a checkpoint within keep-checkpoints of the newest)"
+            "instance's heads (a checkpoint within keep-checkpoints of the newest)"
         )
     elif found.missing == "absent" and settings.resume_from and before_round > 1:
         raise FileNotFoundError(
             f"{instance_id}: no head file {found.path} to resume with: under personalisation = "
-            "'local-head' a resumed run needs each instance's head (keep run-name unchanged)"
+            "'local-head' a resumed run needs each instance's head"
         )
     return fresh_head(settings.model, settings.seed, instance_id)
 
