@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import zlib
+from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
 
@@ -129,11 +130,18 @@ def learning_rate(settings: Settings, context: Context, instance_id: str) -> flo
 def _model(
     settings: Settings, message: Message, instance_id: str, context: Context
 ) -> torch.nn.Module:
-    arrays = message.content["arrays"].to_torch_state_dict()
+    # Copied once out of the message's npy bytes (Flower's to_torch_state_dict parses each
+    # header and copies twice)
+    arrays = {k: torch.tensor(as_numpy(a)) for k, a in message.content["arrays"].items()}
     # A local head: training round r starts from round r-1's, evaluating r scores round r's
     server_round = int(message.content["config"].get("server-round", 0))
     head_before = server_round + (message.metadata.message_type == MessageType.EVALUATE)
     return personal.received_model(settings, arrays, instance_id, context.run_id, head_before)
+
+
+def _arrays(state: Mapping[str, torch.Tensor]) -> ArrayRecord:
+    """A state dict as a reply's ArrayRecord: Flower's npy bytes, each written in one copy."""
+    return ArrayRecord({k: codec.npy_array(v.detach().cpu().numpy()) for k, v in state.items()})
 
 
 def _reply(
@@ -179,7 +187,7 @@ def train(message: Message, context: Context) -> Message:
         # Reply with the weights and the example count the server weighs them by
         metrics = {"train_loss": train_loss, WEIGHT_KEY: data.rows("train")}
         sent = personal.outgoing(settings, model, instance_id, context.run_id, server_round)
-        reply = _reply(message, instance_id, metrics, ArrayRecord(sent))
+        reply = _reply(message, instance_id, metrics, _arrays(sent))
     if scores is not None:
         reply.content[EVALUATION_KEY] = MetricRecord(scores)
     return encoded(reply, message, settings, instance_id, context.run_id)
@@ -275,7 +283,7 @@ def _train_dp(
     metrics = {WEIGHT_KEY: rows, EPSILON_KEY: accountant.epsilon(delta)}
     server_round = int(message.content["config"].get("server-round", 0))
     sent = personal.outgoing(settings, model, instance_id, run_id, server_round)
-    return _reply(message, instance_id, metrics, ArrayRecord(sent))
+    return _reply(message, instance_id, metrics, _arrays(sent))
 
 
 class PrivacyBudgetError(RuntimeError):

@@ -67,8 +67,10 @@ def _keys_under(model: nn.Module, modules: tuple[str, ...]) -> tuple[str, ...]:
     )
 
 
-def head_keys(name: str) -> tuple[str, ...]:
+def head_keys(name: str, model: nn.Module | None = None) -> tuple[str, ...]:
     """The state-dict keys of model ``name``'s head: what never leaves an instance.
+
+    ``model``, a model ``name`` already built, saves building one to read its keys.
 
     Raises
     ------
@@ -81,7 +83,7 @@ def head_keys(name: str) -> tuple[str, ...]:
             f"split it: register it with register(name, factory, head=[...]) "
             f"(models with a head: {sorted(HEADS)})"
         )
-    return _keys_under(build_model(name), HEADS[name])
+    return _keys_under(model or build_model(name), HEADS[name])
 
 
 def build_model(name: str, seed: int | None = None) -> nn.Module:

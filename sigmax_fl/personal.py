@@ -39,12 +39,16 @@ FINAL_BODY = "final_body.pt"
 """The ServerApp's artefact under local-head: the shared body, no head."""
 
 
-def shared_keys(settings: Settings) -> tuple[str, ...]:
-    """The state-dict keys that cross the wire: all of them, or the body's under local-head."""
-    keys = tuple(build_model(settings.model).state_dict())
+def shared_keys(settings: Settings, model: nn.Module | None = None) -> tuple[str, ...]:
+    """The state-dict keys that cross the wire: all of them, or the body's under local-head.
+
+    ``model``, one of ``settings.model`` already built, saves building one per message.
+    """
+    model = model or build_model(settings.model)
+    keys = tuple(model.state_dict())
     if settings.personalisation != "local-head":
         return keys
-    head = set(head_keys(settings.model))
+    head = set(head_keys(settings.model, model))
     return tuple(k for k in keys if k not in head)
 
 
@@ -164,7 +168,7 @@ def received_model(
         only), naming the difference: a head from the server would overwrite the instance's.
     """
     model = build_model(settings.model)
-    expected = shared_keys(settings)
+    expected = shared_keys(settings, model)
     if tuple(arrays) != expected:
         missing = sorted(set(expected) - set(arrays))
         extra = sorted(set(arrays) - set(expected))
