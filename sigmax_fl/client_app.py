@@ -214,7 +214,8 @@ def encoded(
     local = {k: as_numpy(a) for k, a in reply.content["arrays"].items()}
     received = {k: as_numpy(a) for k, a in message.content["arrays"].items()}
     found = kept.load(settings, run_id, instance_id, RESIDUAL, before_round=server_round)
-    if found.missing == "not-kept" or (found.missing == "absent" and settings.resume_from):
+    lost = found.missing == "not-kept" or (found.missing == "absent" and settings.resume_from)
+    if lost and server_round > 1:
         # not-kept: this instance trained past the checkpoint and no longer has its round.
         # absent in a resumed run: its first round of the run, or its disk lost the folder.
         (log.warning if found.missing == "not-kept" else log.info)(

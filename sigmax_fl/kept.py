@@ -112,9 +112,9 @@ class Found:
 
     tensors: Tensors | None
     missing: str = ""
-    """``absent`` (never written), ``other-run`` (the files belong to an earlier run under the
-    same run folder name and this run does not resume) or ``not-kept`` (only rounds too new are
-    kept)."""
+    """``absent`` (never written), ``other-run`` (the files belonged to an earlier run under the
+    same run folder name, and this run, which does not resume, deleted them) or ``not-kept``
+    (only rounds too new are kept)."""
     path: Path = field(default_factory=Path)
     detail: str = ""
     """For the log or the error: whose files they are, or which rounds are kept."""
@@ -123,13 +123,17 @@ class Found:
 def load(settings: Settings, run_id: int, instance_id: str, kind: str, before_round: int) -> Found:
     """The newest ``kind`` state this instance wrote before round ``before_round``.
 
-    Files of another Flower run count only when this run resumes (``resume-from``).
+    Files of another Flower run count only when this run resumes (``resume-from``). Otherwise
+    they are deleted here: this run writes its own under the same names from now on, and a
+    round file of the other run left among them could be taken for one of this run's.
     """
     path = latest_path(settings, run_id, instance_id, kind)
     if not path.is_file():
         return Found(None, "absent", path)
     stored = torch.load(path, weights_only=True)
     if stored["run_id"] != run_id and not settings.resume_from:
+        for old in [*kept_rounds(settings, run_id, instance_id, kind).values(), path]:
+            old.unlink(missing_ok=True)
         detail = f"from run {stored['run_id']}, not this run {run_id}"
         return Found(None, "other-run", path, detail)
     if stored["round"] < before_round:

@@ -392,3 +392,28 @@ def test_an_instance_that_lost_its_residual_restarts_it_from_zero_and_says_so(
     assert len(said) == 1 and said[0].startswith(f"{instance}: no update-encoding residual")
     assert "before round 3" in said[0] and "starts from zero" in said[0]
     assert any(not torch.equal(unbroken[k], resumed[k]) for k in unbroken)
+
+
+def test_a_run_under_a_folder_name_an_earlier_run_used_starts_clean(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: two servers with their own outputs folders give their runs the same folder
+    # name; the instances' disk still holds the first run's residuals (rounds 1-3)
+    config = {**_encoded_run(tmp_path, "int8", monkeypatch), "run-name": "same"}
+
+    def run(outputs: str, run_id: int) -> dict[str, torch.Tensor]:
+        run_config = {**config, "outputs-dir": str(tmp_path / outputs)}
+        grid = LoopbackGrid(simulated_nodes(run_config, run_id, 2), run_id)
+        run_server_app(grid, run_config)
+        return torch.load(tmp_path / outputs / "same" / "final_model.pt", weights_only=True)
+
+    first = run("a", 31)
+
+    # Execute: a second run (another Flower run id), not resuming
+    with caplog.at_level(logging.INFO, logger="flwr.sigmax_fl.client_app"):
+        second = run("b", 32)
+
+    # Assert: round 1 starts from zero error feedback without a word, every later round uses
+    # this run's own residual and none of the first run's: the same seeds give the same model
+    assert not [r for r in caplog.records if "update-encoding residual" in r.message]
+    assert all(torch.equal(first[k], second[k]) for k in first)

@@ -261,14 +261,17 @@ def test_a_head_file_of_another_run_is_not_reused_unless_resuming(
     personal.save_head(settings, 7, "inst", trained, 3)
     fresh = personal.fresh_head("trading-mlp", settings.seed, "inst")
 
-    # Execute / Assert: a new run (id 9) starts a fresh head and says why; a resumed one goes on
+    # Execute / Assert: a resumed run (id 8) goes on from it
+    resumed = Settings(**{**vars(settings), "resume_from": "latest"})
+    got = personal.load_head(resumed, 8, "inst", before_round=4)
+    assert all(torch.equal(got[k], trained[k]) for k in HEAD)
+
+    # ... a new run (id 9) starts a fresh head, says why, and drops run 7's files
     with caplog.at_level(logging.WARNING, logger="flwr.sigmax_fl.personal"):
         got = personal.load_head(settings, 9, "inst", before_round=1)
     assert all(torch.equal(got[k], fresh[k]) for k in HEAD)
     assert "is from run 7, not this run 9" in caplog.text
-    resumed = Settings(**{**vars(settings), "resume_from": "latest"})
-    got = personal.load_head(resumed, 9, "inst", before_round=4)
-    assert all(torch.equal(got[k], trained[k]) for k in HEAD)
+    assert not any(kept.instance_dir(settings, 9, "inst").iterdir())
 
 
 def test_fine_tuned_copy_differs_and_the_original_is_untouched() -> None:
