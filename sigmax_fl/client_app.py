@@ -45,7 +45,7 @@ from sigmax_fl.strategy import (
     EVALUATE_RECEIVED_KEY,
     EVALUATION_KEY,
     META_KEY,
-    RUN_FOLDER_KEY,
+    RUN_KEY,
     WEIGHT_KEY,
 )
 from sigmax_fl.targets import VALIDATION_METRICS
@@ -61,10 +61,10 @@ log = logging.getLogger(f"flwr.{__name__}")
 
 def _instance(context: Context, message: Message) -> tuple[Settings, str, InstanceData]:
     settings = Settings.from_run_config(context.run_config)
-    if folder := message.content.config_records.get("config", {}).get(RUN_FOLDER_KEY):
-        # What this instance keeps between rounds goes under the server's run folder name,
-        # which a resumed run keeps (sigmax_fl.kept)
-        settings = replace(settings, run_name=str(folder))
+    if key := message.content.config_records.get("config", {}).get(RUN_KEY):
+        # What this instance keeps between rounds goes under the run's key, which a resumed
+        # run keeps (sigmax_fl.kept)
+        settings = replace(settings, run_name=str(key))
     source = source_for_node(dict(context.node_config), settings.data_sources, settings.data_dir)
     recipe = Recipe.of(settings)
     # This instance's own rate, for every training path (plain, DP-SGD, fine-tuning)

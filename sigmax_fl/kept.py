@@ -6,24 +6,34 @@ of an ``update-encoding`` other than float32 (:mod:`sigmax_fl.client_app`). Flow
 ``context.state`` would hold them for one Flower run only, and a resumed run is a new Flower
 run on possibly restarted SuperNodes, so both are files here, written as each round trains:
 
-- ``<run>/<instance>/<kind>.pt``, the newest, which is what an unbroken run reads;
+- ``<run>/<instance>/<kind>.pt``, the newest (a hard link to its round's file);
 - ``<run>/<instance>/<kind>.rNNNNN.pt``, one per round trained, the last ``keep-checkpoints`` + 1
   of them (all with 0), so a run resumed from any checkpoint the server still keeps goes back to
   the state of that round, not to a newer one the instance trained past it before it stopped.
 
-``<run>`` is the server's run folder name, which every train and evaluate message carries
-(:data:`sigmax_fl.strategy.RUN_FOLDER_KEY`): unique per run, and the same when the run resumes,
-with or without a ``run-name``. One folder per instance keeps each listing of kept rounds to a
-few files in a simulation of thousands of instances.
+``<run>`` is the run's key, which every train and evaluate message carries
+(:data:`sigmax_fl.strategy.RUN_KEY`, :func:`sigmax_fl.runs.run_key`): the server's run folder
+name and a random id kept in that folder, so the same when the run resumes, with or without a
+``run-name``, and another run's never, wherever its outputs go. One folder per instance keeps
+each listing of kept rounds to a few files in a simulation of thousands of instances. Writers
+of one instance's state take turns (a lock file), so a late message of an earlier round never
+replaces the newest state.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None  # type: ignore[assignment]
 
 import torch
 
@@ -40,8 +50,8 @@ def _safe(name: str) -> str:
 def instance_dir(settings: Settings, run_id: int, instance_id: str) -> Path:
     """Where an instance keeps its state for one run, next to its feature cache.
 
-    Keyed by ``run-name``, which the ClientApp sets to the server's run folder name
-    (:data:`sigmax_fl.strategy.RUN_FOLDER_KEY`), else by Flower's run id.
+    Keyed by ``run-name``, which the ClientApp sets to the run's key
+    (:data:`sigmax_fl.strategy.RUN_KEY`), else by Flower's run id.
     """
     run = settings.run_name or f"run-{run_id}"
     return default_cache_dir().parent / "personal" / _safe(run) / _safe(instance_id)
@@ -87,23 +97,42 @@ def save(
         "run_id": run_id,
         "round": server_round,
     }
-    newer = [r for r in kept_rounds(settings, run_id, instance_id, kind) if r > server_round]
     this_round = round_path(settings, run_id, instance_id, kind, server_round)
-    tmp = this_round.with_name(f".{this_round.name}.{uuid.uuid4().hex}.tmp")
-    torch.save(payload, tmp)
-    tmp.replace(this_round)
-    if not newer:  # a late message of an earlier round does not replace the newest state
-        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-        try:
-            os.link(this_round, tmp)
-        except OSError:  # no hard links here (some network or FAT file systems): a copy
-            torch.save(payload, tmp)
-        tmp.replace(path)
-    keep = settings.keep_checkpoints + 1 if settings.keep_checkpoints else 0
-    kept = list(kept_rounds(settings, run_id, instance_id, kind).values())
-    for old in kept[:-keep] if keep else []:
-        old.unlink()
+    with _turn(path.parent):
+        newer = [r for r in kept_rounds(settings, run_id, instance_id, kind) if r > server_round]
+        tmp = this_round.with_name(f".{this_round.name}.{uuid.uuid4().hex}.tmp")
+        torch.save(payload, tmp)
+        tmp.replace(this_round)
+        if not newer:  # a late message of an earlier round does not replace the newest state
+            tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+            try:
+                os.link(this_round, tmp)
+            except OSError:  # no hard links here (some network or FAT file systems): a copy
+                torch.save(payload, tmp)
+            tmp.replace(path)
+        keep = settings.keep_checkpoints + 1 if settings.keep_checkpoints else 0
+        kept = list(kept_rounds(settings, run_id, instance_id, kind).values())
+        for old in kept[:-keep] if keep else []:
+            old.unlink()
     return path
+
+
+@contextlib.contextmanager
+def _turn(folder: Path) -> Iterator[None]:
+    """Hold the instance folder's lock while saving.
+
+    Two messages of one instance (a late one of an earlier round, and the next round's) then
+    save one after the other. Without ``fcntl`` (Windows), no lock.
+    """
+    if fcntl is None:
+        yield
+        return
+    with open(folder / ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 @dataclass

@@ -83,7 +83,7 @@ def head_keys(name: str, model: nn.Module | None = None) -> tuple[str, ...]:
             f"split it: register it with register(name, factory, head=[...]) "
             f"(models with a head: {sorted(HEADS)})"
         )
-    return _keys_under(model or build_model(name), HEADS[name])
+    return _keys_under(build_model(name) if model is None else model, HEADS[name])
 
 
 def build_model(name: str, seed: int | None = None) -> nn.Module:

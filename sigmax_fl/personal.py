@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import uuid
 import zlib
 from collections.abc import Mapping
 from pathlib import Path
@@ -44,7 +45,7 @@ def shared_keys(settings: Settings, model: nn.Module | None = None) -> tuple[str
 
     ``model``, one of ``settings.model`` already built, saves building one per message.
     """
-    model = model or build_model(settings.model)
+    model = build_model(settings.model) if model is None else model
     keys = tuple(model.state_dict())
     if settings.personalisation != "local-head":
         return keys
@@ -115,8 +116,9 @@ def load_head(
     Training in round r uses the head of round r-1 (or earlier, if the instance sat a round
     out); evaluating round r uses round r's. A resumed run goes back to the kept head of the
     right round (:func:`sigmax_fl.kept.load`), and it is an error, not a fresh head under a
-    trained body, when that head is gone. A file left by an earlier run under the same run
-    folder name is not reused unless this run resumes (``resume-from``).
+    trained body, when that round is no longer kept. An instance with no head at all in a
+    resumed run starts a fresh one, as it would in the unbroken run if it had not trained yet,
+    with a warning (its disk may have lost them).
     """
     found = kept.load(settings, run_id, instance_id, HEAD, before_round)
     if found.tensors is not None:
@@ -135,9 +137,13 @@ def load_head(
             "instance's heads (a checkpoint within keep-checkpoints of the newest)"
         )
     elif found.missing == "absent" and settings.resume_from and before_round > 1:
-        raise FileNotFoundError(
-            f"{instance_id}: no head file {found.path} to resume with: under personalisation = "
-            "'local-head' a resumed run needs each instance's head"
+        # As in the unbroken run if this instance had not trained yet; if its disk lost the
+        # head, the operator must hear it.
+        log.warning(
+            "%s: no head in %s to resume with: starting a fresh head (this instance's first "
+            "round in this run, or its disk lost its heads)",
+            instance_id,
+            found.path.parent,
         )
     return fresh_head(settings.model, settings.seed, instance_id)
 
@@ -221,7 +227,7 @@ def evaluated_model(
     if settings.personalisation == "local-head":
         path = model_path(settings, run_id, instance_id)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
         torch.save(model.state_dict(), tmp)
         tmp.replace(path)
         log.info("%s: own model (shared body + own head) saved to %s", instance_id, path)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,25 @@ def create_run_dir(outputs_dir: str, run_name: str, run_id: int) -> Path:
         path = root / f"{name}-{k}"
     path.mkdir(parents=True)
     return path
+
+
+RUN_KEY_FILE = "run-key"
+
+
+def run_key(run_dir: Path) -> str:
+    """The key instances keep this run's state under: the folder name and a random id.
+
+    The id is written into the folder once, when the run starts, so a resumed run (the same
+    folder) has the same key; two runs never share one, even under the same name in two
+    outputs folders, where the folder name alone would let them delete each other's state on
+    instances they share (:mod:`sigmax_fl.kept`).
+    """
+    path = run_dir / RUN_KEY_FILE
+    if not path.is_file():
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(uuid.uuid4().hex[:12])
+        os.replace(tmp, path)
+    return f"{run_dir.name}-{path.read_text().strip()}"
 
 
 def write_json(path: Path, payload: Any) -> None:

@@ -438,7 +438,7 @@ def main(grid: Grid, context: Context) -> None:
         return
 
     strategy = settings.strategy(noise_std=_central_noise_std(settings))
-    strategy.run_folder = run_dir.name  # the same when the run resumes
+    strategy.run_key = runs.run_key(run_dir)
     if state.rng:
         strategy.rng.bit_generator.state = state.rng
     accountant = CentralAccountant() if settings.dp == "central" else None

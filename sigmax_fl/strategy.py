@@ -66,9 +66,9 @@ EPSILON_KEY = "dp-epsilon"
 """Metric a ClientApp under local DP reports: its per-row epsilon so far (not averaged)."""
 META_KEY = "meta"
 """ConfigRecord a sigmax-fl ClientApp adds to each reply, holding its ``instance-id``."""
-RUN_FOLDER_KEY = "run-folder"
-"""Train and evaluate config: the server's run folder name, the same when the run resumes;
-instances key what they keep between rounds by it (:mod:`sigmax_fl.kept`)."""
+RUN_KEY = "run-key"
+"""Train and evaluate config: the run's key (:func:`sigmax_fl.runs.run_key`), the same when the
+run resumes; instances key what they keep between rounds by it (:mod:`sigmax_fl.kept`)."""
 EVALUATE_RECEIVED_KEY = "evaluate-received"
 """Train-config flag (``evaluate-on-receipt``): score the received model before training."""
 EVALUATION_KEY = "evaluation"
@@ -561,9 +561,9 @@ class WeightedFedAvg(FedAvg):
         self._sent: ArrayRecord | None = None
         self._sampled: list[int] = []
         self._unsent: dict[int, str] = {}
-        self.run_folder = ""
-        """The ServerApp's run folder name, sent with every train and evaluate message: instances
-        key what they keep between rounds by it (:mod:`sigmax_fl.kept`)."""
+        self.run_key = ""
+        """The run's key (:func:`sigmax_fl.runs.run_key`), sent with every train and evaluate
+        message: instances key what they keep between rounds by it (:mod:`sigmax_fl.kept`)."""
         self.node_names: dict[int, str] = {}
         """Instance id each node last gave, to name its error replies and silences."""
         self.last_train: list[Screened] = []
@@ -608,8 +608,8 @@ class WeightedFedAvg(FedAvg):
         nodes = self._sample(grid, self.fraction_train, self.min_train_nodes)
         self._sampled, self._unsent = nodes, {}
         config["server-round"] = server_round
-        if self.run_folder:
-            config[RUN_FOLDER_KEY] = self.run_folder
+        if self.run_key:
+            config[RUN_KEY] = self.run_key
         self.last_sent_bytes = arrays.count_bytes() * len(nodes)
         log.info("round %d: training on %d node(s)", server_round, len(nodes))
         return self._messages(arrays, config, nodes, MessageType.TRAIN)
@@ -621,8 +621,8 @@ class WeightedFedAvg(FedAvg):
             return []
         nodes = self._sample(grid, self.fraction_evaluate, self.min_evaluate_nodes)
         config["server-round"] = server_round
-        if self.run_folder:
-            config[RUN_FOLDER_KEY] = self.run_folder
+        if self.run_key:
+            config[RUN_KEY] = self.run_key
         self.last_sent_bytes += arrays.count_bytes() * len(nodes)
         return self._messages(arrays, config, nodes, MessageType.EVALUATE)
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import io
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
-from sigmax_fl import cli, compare
+from sigmax_fl import cli, compare, runs
 from sigmax_fl.attacks import LoopbackGrid, run_server_app, simulated_nodes
 from sigmax_fl.data import parse_sources
 from sigmax_fl.dataset import Recipe
@@ -63,6 +64,13 @@ def small_run(tmp_path: Path, run_name: str, instances: tuple[str, ...], **extra
         "run-name": run_name,
         **extra,
     }
+
+
+def on_instances(settings: Settings) -> Settings:
+    """``settings`` as the run's instances hold them: keyed by the run's key (``runs.run_key``)
+    for what they keep on disk, as the ClientApp does with the key each message carries."""
+    run_dir = runs.outputs_root(settings.outputs_dir) / settings.run_name
+    return replace(settings, run_name=runs.run_key(run_dir))
 
 
 def in_process_run(run_config: dict, instances: int) -> dict[str, torch.Tensor]:

@@ -39,7 +39,7 @@ from sigmax_fl.model import build_model
 from sigmax_fl.settings import ConfigError, Settings
 from sigmax_fl.strategy import META_KEY, Defences, WeightedFedAvg
 
-from .conftest import in_process_run, simulate
+from .conftest import in_process_run, on_instances, simulate
 
 
 @pytest.fixture(autouse=True)
@@ -319,6 +319,10 @@ def test_npy_array_writes_flowers_bytes_and_reads_back_in_place(values: np.ndarr
     np.testing.assert_array_equal(as_numpy(array), values.astype(np.float32))
 
 
+RESIDUAL_FILES = ["residual.pt", "residual.r00001.pt", "residual.r00002.pt", "residual.r00003.pt"]
+"""What an instance keeps after three rounds (keep-checkpoints = 3: up to four rounds)."""
+
+
 def _encoded_run(tmp_path: Path, encoding: str, monkeypatch: pytest.MonkeyPatch) -> dict:
     """Three rounds of two synthetic instances sending ``encoding`` updates; what the instances
     keep on their disk goes under ``tmp_path`` (not shared with other tests' runs)."""
@@ -372,14 +376,10 @@ def test_an_instance_that_lost_its_residual_restarts_it_from_zero_and_says_so(
     config = _encoded_run(tmp_path, "int8", monkeypatch)
     unbroken = in_process_run({**config, "run-name": "unbroken"}, 2)
     in_process_run({**config, "run-name": "lost", "num-server-rounds": 2}, 2)
-    settings = Settings.from_run_config({**config, "run-name": "lost"})
+    settings = on_instances(Settings.from_run_config({**config, "run-name": "lost"}))
     instance = "synthetic-0001"
     folder = kept.instance_dir(settings, 0, instance)
-    assert sorted(p.name for p in folder.iterdir()) == [
-        "residual.pt",
-        "residual.r00001.pt",
-        "residual.r00002.pt",
-    ]
+    assert sorted(p.name for p in folder.glob("residual*")) == RESIDUAL_FILES[:3]
     shutil.rmtree(folder)
 
     # Execute: resume
@@ -394,7 +394,7 @@ def test_an_instance_that_lost_its_residual_restarts_it_from_zero_and_says_so(
     assert any(not torch.equal(unbroken[k], resumed[k]) for k in unbroken)
 
 
-def test_a_run_under_a_folder_name_an_earlier_run_used_starts_clean(
+def test_two_runs_of_one_name_keep_their_state_apart_on_the_instances(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Prepare: two servers with their own outputs folders give their runs the same folder
@@ -414,6 +414,14 @@ def test_a_run_under_a_folder_name_an_earlier_run_used_starts_clean(
         second = run("b", 32)
 
     # Assert: round 1 starts from zero error feedback without a word, every later round uses
-    # this run's own residual and none of the first run's: the same seeds give the same model
+    # this run's own residual and none of the first run's: the same seeds give the same model;
+    # each run's state has a folder of its own (the run's key), and the first run's is intact
     assert not [r for r in caplog.records if "update-encoding residual" in r.message]
     assert all(torch.equal(first[k], second[k]) for k in first)
+    held = [
+        on_instances(Settings.from_run_config({**config, "outputs-dir": str(tmp_path / o)}))
+        for o in ("a", "b")
+    ]
+    folders = [kept.instance_dir(s, 0, "synthetic-0000") for s in held]
+    assert folders[0] != folders[1]
+    assert all(sorted(p.name for p in f.glob("residual*")) == RESIDUAL_FILES for f in folders)

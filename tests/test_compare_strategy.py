@@ -13,7 +13,7 @@ from sigmax_fl import compare, compare_strategy, personal
 from sigmax_fl.model import build_model
 from sigmax_fl.settings import Settings
 
-from .conftest import default_markets, run_compare, small_training
+from .conftest import default_markets, on_instances, run_compare, small_training
 from .test_personalisation import INSTANCES, _config, _run
 
 
@@ -37,7 +37,7 @@ def test_local_head_round_is_the_apps_round(markets: list[compare.Market], tmp_p
         member = model.member(instance).state_dict()
         for k, v in app_body.items():
             torch.testing.assert_close(member[k], v, rtol=0, atol=1e-7)
-        path = personal.head_path(grid.settings, grid.run.run_id, instance)
+        path = personal.head_path(on_instances(grid.settings), grid.run.run_id, instance)
         head = torch.load(path, weights_only=True)["head"]
         for k, v in head.items():
             torch.testing.assert_close(member[k], v, rtol=0, atol=1e-7)

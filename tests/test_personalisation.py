@@ -23,9 +23,9 @@ from sigmax_fl.dataset import Recipe, load_instance
 from sigmax_fl.deploy.flwr_cli import FlwrHome
 from sigmax_fl.model import MODELS, TradingModel, build_model, head_keys, register
 from sigmax_fl.settings import ConfigError, Settings
-from sigmax_fl.strategy import META_KEY
+from sigmax_fl.strategy import META_KEY, RUN_KEY
 
-from .conftest import simulate, small_run
+from .conftest import on_instances, simulate, small_run
 
 INSTANCES = ("bitstamp-eth-usd-1d", "bitstamp-ltc-usd-1d")
 HEAD = ("net.4.weight", "net.4.bias")
@@ -54,7 +54,7 @@ class RecordingGrid(attacks.LoopbackGrid):
         self.wire.append((kind, sent, [k for r in reply.content.array_records.values() for k in r]))
         if kind == MessageType.TRAIN and self.settings.personalisation == "local-head":
             instance = str(reply.content[META_KEY]["instance-id"])
-            path = personal.head_path(self.settings, self.run.run_id, instance)
+            path = personal.head_path(on_instances(self.settings), self.run.run_id, instance)
             self.heads.append({instance: torch.load(path, weights_only=True)["head"]})
         return reply
 
@@ -171,7 +171,8 @@ def test_head_file_changes_every_round_and_the_instance_evaluates_with_it(
 
         # The instance's own full model: the server's final body plus its last head
         own = torch.load(
-            personal.model_path(grid.settings, grid.run.run_id, instance), weights_only=True
+            personal.model_path(on_instances(grid.settings), grid.run.run_id, instance),
+            weights_only=True,
         )
         final_body = torch.load(run_dir / personal.FINAL_BODY, weights_only=True)
         assert all(torch.equal(own[k], v) for k, v in final_body.items())
@@ -194,7 +195,8 @@ def test_a_stored_head_is_reloaded_and_used_by_the_next_round(
     grid, _ = local_head
     node_id = next(iter(grid.nodes))
     instance = INSTANCES[0]
-    path = personal.head_path(grid.settings, grid.run.run_id, instance)
+    held = on_instances(grid.settings)
+    path = personal.head_path(held, grid.run.run_id, instance)
     body = {
         k: v for k, v in build_model("trading-mlp", seed=1).state_dict().items() if k not in HEAD
     }
@@ -203,7 +205,7 @@ def test_a_stored_head_is_reloaded_and_used_by_the_next_round(
         content = RecordDict(
             {
                 "arrays": ArrayRecord(body),
-                "config": ConfigRecord({"server-round": server_round}),
+                "config": ConfigRecord({"server-round": server_round, RUN_KEY: held.run_name}),
             }
         )
         message = Message(content, node_id, MessageType.TRAIN)
@@ -225,7 +227,9 @@ def test_a_stored_head_is_reloaded_and_used_by_the_next_round(
 # fine-tune
 
 
-def test_a_resumed_run_goes_back_to_the_head_of_its_checkpoint_round(tmp_path: Path) -> None:
+def test_a_resumed_run_goes_back_to_the_head_of_its_checkpoint_round(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     # Prepare: an instance trained rounds 1..4 of run 7; the server's newest checkpoint is
     # round 2 (it stopped before checkpointing 3 and 4), so round 3 must start from head 2.
     settings = Settings(use_case="multi-strategy", run_name=f"resume-{tmp_path.name}")
@@ -245,11 +249,17 @@ def test_a_resumed_run_goes_back_to_the_head_of_its_checkpoint_round(tmp_path: P
         personal.save_head(resumed, 8, "inst", heads[1], r)  # keeps rounds 5..7 only
     with pytest.raises(FileNotFoundError, match="no head from before round 3"):
         personal.load_head(resumed, 8, "inst", before_round=3)
+
+    # No head at all (the instance never trained in this run, or its disk lost them): a fresh
+    # head, as the unbroken run would give an instance training for the first time, and a word
     personal.head_path(resumed, 8, "inst").unlink()
     for path in kept.kept_rounds(resumed, 8, "inst", personal.HEAD).values():
         path.unlink()
-    with pytest.raises(FileNotFoundError, match="no head file"):
-        personal.load_head(resumed, 8, "inst", before_round=3)
+    with caplog.at_level(logging.WARNING, logger="flwr.sigmax_fl.personal"):
+        got = personal.load_head(resumed, 8, "inst", before_round=3)
+    fresh = personal.fresh_head("trading-mlp", settings.seed, "inst")
+    assert all(torch.equal(got[k], fresh[k]) for k in HEAD)
+    assert "inst: no head in" in caplog.text and "starting a fresh head" in caplog.text
 
 
 def test_a_head_file_of_another_run_is_not_reused_unless_resuming(
@@ -271,7 +281,7 @@ def test_a_head_file_of_another_run_is_not_reused_unless_resuming(
         got = personal.load_head(settings, 9, "inst", before_round=1)
     assert all(torch.equal(got[k], fresh[k]) for k in HEAD)
     assert "is from run 7, not this run 9" in caplog.text
-    assert not any(kept.instance_dir(settings, 9, "inst").iterdir())
+    assert not list(kept.instance_dir(settings, 9, "inst").glob("head*"))
 
 
 def test_fine_tuned_copy_differs_and_the_original_is_untouched() -> None:
@@ -332,6 +342,7 @@ def test_simulation_run_keeps_heads_on_the_instances(simulation: FlwrHome, tmp_p
     for checkpoint in (run_dir / runs.CHECKPOINTS).glob("round-*.pt"):
         assert tuple(runs.read_checkpoint(checkpoint)["arrays"]) == body
     for instance in INSTANCES:
-        stored = torch.load(personal.head_path(settings, run_id, instance), weights_only=True)
+        held = on_instances(settings)
+        stored = torch.load(personal.head_path(held, run_id, instance), weights_only=True)
         assert tuple(stored["head"]) == HEAD and stored["round"] == 2
-        assert personal.model_path(settings, run_id, instance).is_file()
+        assert personal.model_path(held, run_id, instance).is_file()
