@@ -8,7 +8,7 @@ federated and each instance keeps its own head (:mod:`sigmax_fl.personal`).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -51,9 +51,9 @@ def register(
     if name in MODELS:
         raise ValueError(f"model '{name}' is already registered")
     if head is not None:
-        model = factory()
-        keys = _keys_under(model, tuple(head))
-        if not keys or len(keys) == len(model.state_dict()):
+        state = factory().state_dict()
+        keys = _keys_under(state, tuple(head))
+        if not keys or len(keys) == len(state):
             raise ValueError(
                 f"model '{name}': head {list(head)} must name some but not all of its parameters"
             )
@@ -61,16 +61,15 @@ def register(
     MODELS[name] = factory
 
 
-def _keys_under(model: nn.Module, modules: tuple[str, ...]) -> tuple[str, ...]:
-    return tuple(
-        k for k in model.state_dict() if any(k == m or k.startswith(m + ".") for m in modules)
-    )
+def _keys_under(keys: Iterable[str], modules: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(k for k in keys if any(k == m or k.startswith(m + ".") for m in modules))
 
 
-def head_keys(name: str, model: nn.Module | None = None) -> tuple[str, ...]:
+def head_keys(name: str, state: Mapping[str, torch.Tensor] | None = None) -> tuple[str, ...]:
     """The state-dict keys of model ``name``'s head: what never leaves an instance.
 
-    ``model``, a model ``name`` already built, saves building one to read its keys.
+    ``state``, a state dict of model ``name`` already at hand, saves building a model to read
+    its keys.
 
     Raises
     ------
@@ -83,7 +82,7 @@ def head_keys(name: str, model: nn.Module | None = None) -> tuple[str, ...]:
             f"split it: register it with register(name, factory, head=[...]) "
             f"(models with a head: {sorted(HEADS)})"
         )
-    return _keys_under(build_model(name) if model is None else model, HEADS[name])
+    return _keys_under(build_model(name).state_dict() if state is None else state, HEADS[name])
 
 
 def build_model(name: str, seed: int | None = None) -> nn.Module:

@@ -45,12 +45,11 @@ def shared_keys(settings: Settings, model: nn.Module | None = None) -> tuple[str
 
     ``model``, one of ``settings.model`` already built, saves building one per message.
     """
-    model = build_model(settings.model) if model is None else model
-    keys = tuple(model.state_dict())
+    state = (build_model(settings.model) if model is None else model).state_dict()
     if settings.personalisation != "local-head":
-        return keys
-    head = set(head_keys(settings.model, model))
-    return tuple(k for k in keys if k not in head)
+        return tuple(state)
+    head = set(head_keys(settings.model, state))
+    return tuple(k for k in state if k not in head)
 
 
 def final_artefact(settings: Settings) -> str:
@@ -60,7 +59,7 @@ def final_artefact(settings: Settings) -> str:
 
 def split(state: State, model_name: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(body, head) of a full state dict, each in the model's key order."""
-    head = set(head_keys(model_name))
+    head = set(head_keys(model_name, state))
     body = {k: v for k, v in state.items() if k not in head}
     return body, {k: v for k, v in state.items() if k in head}
 
