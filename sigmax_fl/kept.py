@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +36,7 @@ except ImportError:  # Windows
 
 import torch
 
+from sigmax_fl import runs
 from sigmax_fl.dataset import default_cache_dir
 from sigmax_fl.settings import Settings
 
@@ -100,11 +100,9 @@ def save(
     this_round = round_path(settings, run_id, instance_id, kind, server_round)
     with _turn(path.parent):
         newer = [r for r in kept_rounds(settings, run_id, instance_id, kind) if r > server_round]
-        tmp = this_round.with_name(f".{this_round.name}.{uuid.uuid4().hex}.tmp")
-        torch.save(payload, tmp)
-        tmp.replace(this_round)
+        runs.save_torch(payload, this_round)
         if not newer:  # a late message of an earlier round does not replace the newest state
-            tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+            tmp = runs.temporary(path)
             try:
                 os.link(this_round, tmp)
             except OSError:  # no hard links here (some network or FAT file systems): a copy
@@ -142,8 +140,8 @@ class Found:
     tensors: Tensors | None
     missing: str = ""
     """``absent`` (never written), ``other-run`` (the files belonged to an earlier run under the
-    same run folder name, and this run, which does not resume, deleted them) or ``not-kept``
-    (only rounds too new are kept)."""
+    same key, and this run, which does not resume, deleted them) or ``not-kept`` (only rounds
+    too new are kept)."""
     path: Path = field(default_factory=Path)
     detail: str = ""
     """For the log or the error: whose files they are, or which rounds are kept."""

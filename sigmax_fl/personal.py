@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import uuid
 import zlib
 from collections.abc import Mapping
 from pathlib import Path
@@ -226,8 +225,6 @@ def evaluated_model(
     if settings.personalisation == "local-head":
         path = model_path(settings, run_id, instance_id)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-        torch.save(model.state_dict(), tmp)
-        tmp.replace(path)
+        runs.save_torch(model.state_dict(), path)
         log.info("%s: own model (shared body + own head) saved to %s", instance_id, path)
     return model

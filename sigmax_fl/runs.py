@@ -59,17 +59,37 @@ def run_key(run_dir: Path) -> str:
     """
     path = run_dir / RUN_KEY_FILE
     if not path.is_file():
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(uuid.uuid4().hex[:12])
-        os.replace(tmp, path)
+        write_text(path, uuid.uuid4().hex[:12])
     return f"{run_dir.name}-{path.read_text().strip()}"
+
+
+def temporary(path: Path) -> Path:
+    """A hidden name beside ``path``, to write before renaming onto it.
+
+    A reader never sees half a file, a crash leaves the old one whole, and two writers never
+    share one.
+    """
+    return path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write-then-rename (:func:`temporary`)."""
+    tmp = temporary(path)
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save_torch(obj: Any, path: Path) -> Path:
+    """``torch.save`` written then renamed (:func:`temporary`)."""
+    tmp = temporary(path)
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+    return path
 
 
 def write_json(path: Path, payload: Any) -> None:
     """Write-then-rename, so a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=1, default=str))
-    os.replace(tmp, path)
+    write_text(path, json.dumps(payload, indent=1, default=str))
 
 
 def append_history(run_dir: Path, record: dict[str, Any]) -> None:
@@ -87,11 +107,7 @@ def read_history(run_dir: Path) -> list[dict[str, Any]]:
 
 def save_model(run_dir: Path, state_dict: dict[str, torch.Tensor], name: str = FINAL_MODEL) -> Path:
     """A state dict that ``TradingModel().load_state_dict`` takes, written atomically."""
-    path = run_dir / name
-    tmp = path.with_name(f".{name}.tmp")
-    torch.save(state_dict, tmp)
-    os.replace(tmp, path)
-    return path
+    return save_torch(state_dict, run_dir / name)
 
 
 CHECKPOINTS = "checkpoints"
@@ -113,9 +129,7 @@ def write_checkpoint(run_dir: Path, server_round: int, payload: dict[str, Any], 
     folder = run_dir / CHECKPOINTS
     folder.mkdir(exist_ok=True)
     path = folder / f"round-{server_round:05d}.pt"
-    tmp = folder / f".{path.name}.tmp"
-    torch.save({"format": CHECKPOINT_FORMAT, **payload}, tmp)
-    os.replace(tmp, path)
+    save_torch({"format": CHECKPOINT_FORMAT, **payload}, path)
     for old in sorted(folder.glob("round-*.pt"))[: -keep or None] if keep else []:
         old.unlink()
     return path
