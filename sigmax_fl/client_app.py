@@ -313,6 +313,18 @@ def _scores(
     return metrics
 
 
+@app.query("instance_id")
+def which_instance(message: Message, context: Context) -> Message:
+    """Which instance this SuperNode serves, so that the server samples over instances.
+
+    Node ids change when a SuperLink restarts; instance ids do not. Nothing is loaded.
+    """
+    settings = Settings.from_run_config(context.run_config)
+    source = source_for_node(dict(context.node_config), settings.data_sources, settings.data_dir)
+    meta = ConfigRecord({"instance-id": source.instance_id})
+    return Message(content=RecordDict({META_KEY: meta}), reply_to=message)
+
+
 @app.query("scaler_statistics")
 def scaler_statistics(message: Message, context: Context) -> Message:
     """``scaler = "federated"``, before round 1: this instance's training-row moments.

@@ -264,7 +264,7 @@ def evaluate_round(
     )
     _not_sent(strategy, evaluate_replies)
     scores = strategy.aggregate_evaluate(state.round, evaluate_replies)
-    return _scored(
+    scored = _scored(
         state,
         scores,
         strategy.last_evaluate,
@@ -272,6 +272,9 @@ def evaluate_round(
         seconds=time.monotonic() - started,
         bytes_sent=strategy.last_sent_bytes,
     )
+    # The evaluate sample drew from the sampling generator too: a resumed run must go on from
+    # after it, or its next train sample is not the unbroken run's.
+    return replace(scored, rng=strategy.rng.bit_generator.state)
 
 
 def _scored(

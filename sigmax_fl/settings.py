@@ -395,6 +395,7 @@ class Settings:
         return WeightedFedAvg(
             defences=self.defences(),
             wait_for_nodes_timeout=self.wait_for_nodes_timeout,
+            query_timeout=self.round_timeout,
             fraction_train=self.fraction_train,
             fraction_evaluate=self.fraction_evaluate,
             min_train_nodes=self.min_train_nodes,

@@ -46,7 +46,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
 
-from sigmax_fl import fused
+from sigmax_fl import exchange, fused
 from sigmax_fl.codec import (
     ENCODING_KEY,
     FreshArrays,
@@ -73,6 +73,9 @@ EVALUATE_RECEIVED_KEY = "evaluate-received"
 """Train-config flag (``evaluate-on-receipt``): score the received model before training."""
 EVALUATION_KEY = "evaluation"
 """MetricRecord of a train reply holding the received model's validation scores."""
+INSTANCE_QUERY = "query.instance_id"
+"""Message type asking a SuperNode which instance it serves (``@app.query("instance_id")``),
+answered with :data:`META_KEY` alone."""
 
 AGGREGATIONS = ("weighted-fedavg", "trimmed-mean", "median", "krum")
 NORM_POLICIES = ("reject", "clip")
@@ -534,6 +537,9 @@ class WeightedFedAvg(FedAvg):
     wait_for_nodes_timeout : float
         Seconds to wait for ``min_available_nodes`` SuperNodes before a round fails with
         :class:`NotEnoughNodesError` (Flower's own sampling waits forever).
+    query_timeout : float
+        Seconds to wait for SuperNodes not yet named to say which instance they serve, before
+        a partial sample (``round-timeout``).
     seed : int, optional
         Seeds the node sampling; its state is part of the server's checkpoint.
     noise_std : float
@@ -547,6 +553,7 @@ class WeightedFedAvg(FedAvg):
         self,
         defences: Defences | None = None,
         wait_for_nodes_timeout: float = 300.0,
+        query_timeout: float = 600.0,
         seed: int | None = None,
         noise_std: float = 0.0,
         **kwargs: object,
@@ -558,6 +565,7 @@ class WeightedFedAvg(FedAvg):
         # Central-DP noise must not be reproducible from the (public) run seed.
         self._noise_rng = secure_rng()
         self.wait_for_nodes_timeout = wait_for_nodes_timeout
+        self.query_timeout = query_timeout
         self._sent: ArrayRecord | None = None
         self._sampled: list[int] = []
         self._unsent: dict[int, str] = {}
@@ -565,7 +573,10 @@ class WeightedFedAvg(FedAvg):
         """The run's key (:func:`sigmax_fl.runs.run_key`), sent with every train and evaluate
         message: instances key what they keep between rounds by it (:mod:`sigmax_fl.kept`)."""
         self.node_names: dict[int, str] = {}
-        """Instance id each node last gave, to name its error replies and silences."""
+        """Instance id each node last gave: it orders a partial sample, and names the node's
+        error replies and silences."""
+        self._unnamed: set[int] = set()
+        """Nodes asked which instance they serve that did not say (asked once only)."""
         self.last_train: list[Screened] = []
         self.last_evaluate: list[Screened] = []
         self.last_sent_bytes = 0
@@ -587,9 +598,49 @@ class WeightedFedAvg(FedAvg):
             log.info("waiting for SuperNodes: %d connected, %d needed", len(nodes), needed)
             time.sleep(1.0)
         size = min(len(nodes), max(int(len(nodes) * fraction), minimum))
+        if size < len(nodes):
+            nodes = self._by_instance(grid, nodes)
         # Sample positions, not ids: node ids are uint64 and numpy would turn them into floats.
         picked = self.rng.choice(len(nodes), size=size, replace=False)
         return [nodes[i] for i in sorted(picked)]
+
+    def _by_instance(self, grid: Grid, nodes: list[int]) -> list[int]:
+        """``nodes`` in the order of the instances they serve; nodes not yet named are asked.
+
+        A sample of positions in this order picks the same instances whatever ids their nodes
+        have. A simulated SuperLink draws new random node ids each time it starts, so a sample
+        over sorted node ids trained other instances in a second run of the same seed, or in a
+        resumed run, than in the first. A node that does not say keeps its place after the
+        named ones, by node id, and is not asked again.
+        """
+        unasked = [n for n in nodes if n not in self.node_names and n not in self._unnamed]
+        if unasked:
+            self._name(grid, unasked)
+        names = self.node_names
+        return sorted(nodes, key=lambda n: (n not in names, names.get(n, ""), n))
+
+    def _name(self, grid: Grid, nodes: list[int]) -> None:
+        """Ask ``nodes`` which instance each serves; one exchange, before the sample is drawn."""
+        asked = [
+            Message(
+                RecordDict({self.configrecord_key: ConfigRecord()}),
+                dst_node_id=node,
+                message_type=INSTANCE_QUERY,
+            )
+            for node in nodes
+        ]
+        for reply in exchange.send_and_receive(grid, asked, timeout=self.query_timeout):
+            name = instance_id(reply)
+            if name != f"node-{reply.metadata.src_node_id}":
+                self.node_names[reply.metadata.src_node_id] = name
+        if silent := [n for n in nodes if n not in self.node_names]:
+            self._unnamed.update(silent)
+            log.warning(
+                "%d node(s) did not say which instance they serve (%s): they are sampled after "
+                "the named ones, in node-id order",
+                len(silent),
+                ", ".join(map(str, silent[:5])) + (", ..." if len(silent) > 5 else ""),
+            )
 
     def _messages(
         self, arrays: ArrayRecord, config: ConfigRecord, nodes: list[int], kind: str

@@ -1,0 +1,189 @@
+"""A partial sample is drawn over instances, so the same seed trains the same instances whatever
+node ids the SuperLink hands out: in a second run, and in a resumed run."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Iterable
+from pathlib import Path
+
+import pytest
+import torch
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+
+from sigmax_fl import client_app, runs
+from sigmax_fl.attacks import LoopbackGrid, run_server_app, simulated_nodes
+from sigmax_fl.deploy.flwr_cli import FlwrHome
+from sigmax_fl.strategy import INSTANCE_QUERY
+
+from .conftest import simulate
+
+INSTANCES = 6
+
+
+class CountingGrid(LoopbackGrid):
+    """A loopback grid that counts the messages of each type it delivers, per node."""
+
+    def __init__(self, nodes: dict, run_id: int) -> None:
+        super().__init__(nodes, run_id)
+        self.sent: Counter[tuple[str, int]] = Counter()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        messages = list(messages)
+        self.sent.update((m.metadata.message_type, m.metadata.dst_node_id) for m in messages)
+        return super().push_messages(messages)
+
+    def queries(self) -> dict[int, int]:
+        return {node: n for (kind, node), n in self.sent.items() if kind == INSTANCE_QUERY}
+
+
+def renumbered(nodes: dict[int, tuple[ClientApp, Context]]) -> dict[int, tuple[ClientApp, Context]]:
+    """The same nodes under each other's ids, in reverse order: as a restarted SuperLink
+    numbers them anew, the instance with the smallest id now has the largest."""
+    ids = sorted(nodes)
+    out = {}
+    for old, new in zip(ids, reversed(ids), strict=True):
+        app, context = nodes[old]
+        context.node_id = new
+        out[new] = (app, context)
+    return out
+
+
+def partial_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **overrides: object) -> dict:
+    """Half of six synthetic instances train and evaluate each round; instance files in tmp."""
+    monkeypatch.setenv("SIGMAX_FL_CACHE_DIR", str(tmp_path / "instances" / "features"))
+    return {
+        "num-server-rounds": 3,
+        "local-epochs": 1,
+        "data-sources": f"synthetic:{INSTANCES}:seed=5:start=2018-06-01:end=2019-06-30",
+        "min-available-nodes": INSTANCES,
+        "fraction-train": 0.5,
+        "fraction-evaluate": 0.5,
+        "outputs-dir": str(tmp_path),
+        "seed": 11,
+        **overrides,
+    }
+
+
+def run(run_config: dict, run_id: int, renumber: bool = False, **apps: object) -> CountingGrid:
+    nodes = simulated_nodes(run_config, run_id, INSTANCES, apps.get("apps"))
+    grid = CountingGrid(renumbered(nodes) if renumber else nodes, run_id)
+    run_server_app(grid, run_config)
+    return grid
+
+
+def trained(run_dir: Path) -> list[list[str]]:
+    """The instances that trained in each round, from the run's history."""
+    return [
+        sorted(i for i, v in r["instances"].items() if "train" in v)
+        for r in runs.read_history(run_dir)
+    ]
+
+
+def model(run_dir: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run_dir / runs.FINAL_MODEL, weights_only=True)
+
+
+def assert_same_model(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_a_partial_sample_trains_the_same_instances_under_other_node_ids(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: one seed, two federations whose node ids order the instances oppositely
+    config = partial_run(tmp_path, monkeypatch)
+
+    # Execute
+    first = run({**config, "run-name": "first"}, 31)
+    second = run({**config, "run-name": "second"}, 32, renumber=True)
+
+    # Assert: the same instances trained each round and the models are equal, bit for bit;
+    # each node was asked which instance it serves once, before round 1's sample
+    sampled = trained(tmp_path / "first")
+    assert sampled == trained(tmp_path / "second")
+    assert [len(s) for s in sampled] == [INSTANCES // 2] * 3 and len(set(map(tuple, sampled))) > 1
+    assert_same_model(model(tmp_path / "first"), model(tmp_path / "second"))
+    for grid in (first, second):
+        assert grid.queries() == dict.fromkeys(grid.nodes, 1)
+
+
+def test_a_resumed_partial_run_under_new_node_ids_ends_as_the_unbroken_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare
+    config = partial_run(tmp_path, monkeypatch)
+    run({**config, "run-name": "unbroken"}, 41)
+
+    # Execute: stop after round 2; resume on a SuperLink that numbered the nodes anew
+    run({**config, "run-name": "stopped", "num-server-rounds": 2}, 42)
+    resumed = run({**config, "run-name": "stopped", "resume-from": "latest"}, 43, renumber=True)
+
+    # Assert: round 3 sampled the unbroken run's instances, and the model is its model
+    assert trained(tmp_path / "stopped") == trained(tmp_path / "unbroken")
+    assert_same_model(model(tmp_path / "unbroken"), model(tmp_path / "stopped"))
+    assert resumed.queries() == dict.fromkeys(resumed.nodes, 1)
+
+
+def test_when_every_node_trains_no_node_is_asked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: everyone trains; half evaluate, sampled after the train replies named them all
+    config = partial_run(tmp_path, monkeypatch, **{"fraction-train": 1.0, "num-server-rounds": 2})
+
+    # Execute
+    grid = run({**config, "run-name": "all"}, 51)
+
+    # Assert: no query message; half the instances were scored each round
+    assert grid.queries() == {}
+    scored = [
+        sum("evaluate" in v for v in r["instances"].values())
+        for r in runs.read_history(tmp_path / "all")
+    ]
+    assert scored == [INSTANCES // 2] * 2
+
+
+def test_a_node_that_does_not_say_is_asked_once_and_still_sampled(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Prepare: partition 0 runs a ClientApp that trains and evaluates but answers no query
+    mute = ClientApp()
+    mute.train()(lambda message, context: client_app.app(message, context))
+    mute.evaluate()(lambda message, context: client_app.app(message, context))
+    config = partial_run(tmp_path, monkeypatch, **{"fraction-evaluate": 0.0})
+
+    # Execute
+    with caplog.at_level(logging.WARNING, logger="flwr.sigmax_fl.strategy"):
+        grid = run({**config, "run-name": "mute"}, 61, apps={0: mute})
+
+    # Assert: the run finished its rounds; every node was asked once, the mute one included,
+    # and the log says which node did not answer
+    assert len(runs.read_history(tmp_path / "mute")) == 3
+    assert grid.queries() == dict.fromkeys(grid.nodes, 1)
+    mute_node = next(n for n, (app, _) in grid.nodes.items() if app is mute)
+    said = [r.getMessage() for r in caplog.records if "did not say" in r.getMessage()]
+    assert len(said) == 1 and str(mute_node) in said[0]
+
+
+@pytest.mark.integration
+def test_flowers_simulation_samples_the_instances_of_a_run_with_other_node_ids(
+    simulation: FlwrHome, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: the seeded node ids of the in-process grid; Flower's simulation draws its own
+    config = partial_run(tmp_path, monkeypatch, **{"num-server-rounds": 2})
+    config["data-sources"] = "synthetic:4:seed=5:start=2018-06-01:end=2019-06-30"
+    config["min-available-nodes"] = 4
+
+    # Execute: the same run through Flower's simulation engine and in process
+    simulate(simulation, {**config, "run-name": "flower"}, 4)
+    nodes = simulated_nodes({**config, "run-name": "loopback"}, 71, 4)
+    run_server_app(LoopbackGrid(nodes, 71), {**config, "run-name": "loopback"})
+
+    # Assert: the same two instances trained each round; the same model
+    sampled = trained(tmp_path / "flower")
+    assert sampled == trained(tmp_path / "loopback") and [len(s) for s in sampled] == [2, 2]
+    assert_same_model(model(tmp_path / "flower"), model(tmp_path / "loopback"))
