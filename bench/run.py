@@ -1177,8 +1177,10 @@ def main(argv: list[str] | None = None) -> int:
         "`FedAvg.start`, the same MLP and synthetic instances, the quickstart's training loop "
         "(`torch.optim.Adam`, same batch size, learning rate and epochs) and torch threads left "
         "at default (as the quickstart does); its round seconds are the "
-        "gaps between `evaluate_fn` calls (after each round's evaluate phase), the same span "
-        "as sigmax-fl's history `seconds`.",
+        "gaps between `evaluate_fn` calls (after each round's evaluate phase), the span of "
+        "sigmax-fl's history `seconds` plus sigmax-fl's per-round checkpoint, history and "
+        "audit writes, which come after its record (2-4 ms a round at 10 and 100 instances, "
+        "timed in process), so sigmax-fl's round figures leave those out.",
         "Aggregation replies (bench/aggregation.py) are the global model plus small noise, all "
         "accepted by screening; stock is Flower's `aggregate_arrayrecords` on the same replies.",
         "All timings are wall-clock on a shared 2-core machine: other engineers' tests ran "

@@ -23,10 +23,14 @@ internals. Facts of Flower 1.42 this module depends on (verified by running it):
 * ``--format json`` makes ``flwr`` print one JSON document, but a failure is
   reported as ``{"success": false, "error-message": ...}`` with exit status 0,
   and ``flwr run`` exits 0 for a run that later fails: both are checked here.
+* ``flwr run APP`` walks and resolves every file under ``APP`` before it applies
+  ``.gitignore`` (``flwr.cli.utils.collect_files``); :func:`packed_files` hands it the
+  app without the ignored folders.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -36,7 +40,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +68,47 @@ _CONNECTION_NAME = re.compile(r"^[A-Za-z0-9_-]+$")  # a TOML bare key: no dots
 
 class FlwrError(RuntimeError):
     """A ``flwr`` CLI command failed or a run did not finish as required."""
+
+
+@contextlib.contextmanager
+def packed_files(app_dir: Path) -> Iterator[Path]:
+    """A copy of the app folder without the folders its ``.gitignore`` leaves out.
+
+    ``flwr run`` walks and resolves every file under the app folder and only then applies
+    ``.gitignore``: with this project's ``.venv`` inside it, about 48,000 files and 2.5 s of
+    every run here. The copy holds the files Flower would pack, by its own patterns (the kinds
+    of file it takes, minus ``.gitignore``), so the FAB, whose hash is of paths and content
+    only, is the same; it takes milliseconds. A ``.gitignore`` with a ``!`` pattern could
+    re-include a file under an ignored folder, so then the folder is used as it is.
+    """
+    from flwr.cli.utils import build_pathspec, load_gitignore_patterns
+    from flwr.supercore.constant import APP_PUBLISH_INCLUDE_PATTERNS
+
+    gitignore = app_dir / ".gitignore"
+    patterns = load_gitignore_patterns(gitignore) if gitignore.is_file() else []
+    if any(p.lstrip().startswith("!") for p in patterns):
+        yield app_dir
+        return
+    ignored = build_pathspec(patterns)
+    packed = build_pathspec(APP_PUBLISH_INCLUDE_PATTERNS)
+    with tempfile.TemporaryDirectory(prefix="sigmax-fl-app-") as tmp:
+        copy = Path(tmp) / app_dir.name
+        for folder, dirnames, filenames in os.walk(app_dir):
+            here = Path(folder).relative_to(app_dir)
+            dirnames[:] = [
+                d
+                for d in dirnames
+                if not ignored.match_file(f"{(here / d).as_posix()}/")
+                and not (Path(folder) / d).is_symlink()
+            ]
+            for name in filenames:
+                source, relative = Path(folder) / name, (here / name).as_posix()
+                if source.is_symlink() or ignored.match_file(relative):
+                    continue
+                if packed.match_file(relative):
+                    (copy / here).mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(source, copy / relative)
+        yield copy
 
 
 def simulation_federation_config(
@@ -392,12 +437,13 @@ class FlwrHome:
         int
             The run id.
         """
-        args = ["run", str(app_dir.resolve()), connection]
+        options = []
         if run_config:
-            args += ["--run-config", format_config(run_config)]
+            options += ["--run-config", format_config(run_config)]
         if federation_config:
-            args += ["--federation-config", format_config(federation_config)]
-        return int(self.flwr(*args)["run-id"])
+            options += ["--federation-config", format_config(federation_config)]
+        with packed_files(app_dir.resolve()) as app:
+            return int(self.flwr("run", str(app), connection, *options)["run-id"])
 
     def stream_logs(
         self, run_id: int, connection: str, sink: TextIO | None = None, timeout: float = 600.0
