@@ -144,12 +144,15 @@ def collect(
     min_replies: int,
     wait_for_nodes_timeout: float,
     timeout: float,
+    names: dict[int, str] | None = None,
 ) -> dict[str, Any]:
     """Round 0: ask every connected instance for its moments; return the pooled scaler.
 
     The result (pooled mean and scale, total rows, contributing instances) goes into the
     server state, so checkpoints carry it and a resumed run normalises exactly as before.
     A malformed reply is left out and logged; fewer than ``min_replies`` good ones is an error.
+    ``names`` receives the instance id each replying node gave (the strategy's
+    ``node_names``: a partial sample in round 1 then asks no node again).
     """
     nodes = _wait_for_nodes(grid, min_available_nodes, wait_for_nodes_timeout)
     messages = [
@@ -167,6 +170,8 @@ def collect(
             )
             continue
         name = instance_id(reply)
+        if names is not None and name != f"node-{reply.metadata.src_node_id}":
+            names[reply.metadata.src_node_id] = name
         try:
             moments = Moments.from_record(reply.content[RECORD])
         except (KeyError, ValueError, TypeError) as err:

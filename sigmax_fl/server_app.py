@@ -455,6 +455,7 @@ def main(grid: Grid, context: Context) -> None:
             min_replies=settings.min_train_replies,
             wait_for_nodes_timeout=settings.wait_for_nodes_timeout,
             timeout=settings.round_timeout,
+            names=strategy.node_names,
         )
         state = replace(state, scaler=scaler)
         runs.write_json(run_dir / "scaler.json", scaler)

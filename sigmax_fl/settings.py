@@ -14,7 +14,7 @@ from typing import Any
 
 import pandas as pd
 
-from sigmax_fl.strategy import Defences, WeightedFedAvg
+from sigmax_fl.strategy import QUERY_TIMEOUT, Defences, WeightedFedAvg
 from sigmax_fl.targets import TARGETS, VALIDATION_METRICS
 
 OPTIMIZERS = ("adam", "sgd")
@@ -395,7 +395,7 @@ class Settings:
         return WeightedFedAvg(
             defences=self.defences(),
             wait_for_nodes_timeout=self.wait_for_nodes_timeout,
-            query_timeout=self.round_timeout,
+            query_timeout=min(self.round_timeout, QUERY_TIMEOUT),
             fraction_train=self.fraction_train,
             fraction_evaluate=self.fraction_evaluate,
             min_train_nodes=self.min_train_nodes,

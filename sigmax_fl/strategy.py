@@ -76,6 +76,10 @@ EVALUATION_KEY = "evaluation"
 INSTANCE_QUERY = "query.instance_id"
 """Message type asking a SuperNode which instance it serves (``@app.query("instance_id")``),
 answered with :data:`META_KEY` alone."""
+QUERY_TIMEOUT = 60.0
+"""Longest wait, in seconds, for that answer (``round-timeout`` if shorter). A healthy node
+answers in seconds, also deployed (a 3 s poll and a fresh ClientApp process); a node that is
+down or busy with a late training must not hold the round for a whole ``round-timeout``."""
 
 AGGREGATIONS = ("weighted-fedavg", "trimmed-mean", "median", "krum")
 NORM_POLICIES = ("reject", "clip")
@@ -539,7 +543,7 @@ class WeightedFedAvg(FedAvg):
         :class:`NotEnoughNodesError` (Flower's own sampling waits forever).
     query_timeout : float
         Seconds to wait for SuperNodes not yet named to say which instance they serve, before
-        a partial sample (``round-timeout``).
+        a partial sample (``min(round-timeout, QUERY_TIMEOUT)``).
     seed : int, optional
         Seeds the node sampling; its state is part of the server's checkpoint.
     noise_std : float
@@ -553,7 +557,7 @@ class WeightedFedAvg(FedAvg):
         self,
         defences: Defences | None = None,
         wait_for_nodes_timeout: float = 300.0,
-        query_timeout: float = 600.0,
+        query_timeout: float = QUERY_TIMEOUT,
         seed: int | None = None,
         noise_std: float = 0.0,
         **kwargs: object,
@@ -577,6 +581,8 @@ class WeightedFedAvg(FedAvg):
         error replies and silences."""
         self._unnamed: set[int] = set()
         """Nodes asked which instance they serve that did not say (asked once only)."""
+        self._shared_names: set[str] = set()
+        """Instance ids two live nodes gave, already warned about."""
         self.last_train: list[Screened] = []
         self.last_evaluate: list[Screened] = []
         self.last_sent_bytes = 0
@@ -611,13 +617,29 @@ class WeightedFedAvg(FedAvg):
         have. A simulated SuperLink draws new random node ids each time it starts, so a sample
         over sorted node ids trained other instances in a second run of the same seed, or in a
         resumed run, than in the first. A node that does not say keeps its place after the
-        named ones, by node id, and is not asked again.
+        named ones, by node id, and is not asked again (a later reply may still name it).
         """
         unasked = [n for n in nodes if n not in self.node_names and n not in self._unnamed]
         if unasked:
             self._name(grid, unasked)
         names = self.node_names
-        return sorted(nodes, key=lambda n: (n not in names, names.get(n, ""), n))
+        ordered = sorted(nodes, key=lambda n: (n not in names, names.get(n, ""), n))
+        serving: dict[str, list[int]] = {}
+        for node in ordered:
+            if node in names:
+                serving.setdefault(names[node], []).append(node)
+        for name, shared in serving.items():
+            if len(shared) > 1 and name not in self._shared_names:
+                self._shared_names.add(name)
+                log.warning(
+                    "SuperNodes %s all say they serve instance '%s': each needs its own "
+                    "instance-id (node config), or they share what the instance keeps on disk, "
+                    "and their place in the sample follows their node ids, which a restarted "
+                    "SuperLink may change",
+                    ", ".join(map(str, shared)),
+                    name,
+                )
+        return ordered
 
     def _name(self, grid: Grid, nodes: list[int]) -> None:
         """Ask ``nodes`` which instance each serves; one exchange, before the sample is drawn."""

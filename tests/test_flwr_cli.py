@@ -26,25 +26,51 @@ def test_the_packed_copy_builds_the_fab_of_the_project_folder() -> None:
     assert not copy.exists()
 
 
-def test_ignored_folders_symlinks_and_unpacked_kinds_stay_out(tmp_path: Path) -> None:
-    # Prepare: an app with an ignored folder, a symlink, a CSV (Flower packs no CSV) and code
-    app = tmp_path / "app"
-    (app / "pkg").mkdir(parents=True)
-    (app / "venv" / "lib").mkdir(parents=True)
-    (app / "pyproject.toml").write_text("[project]\nname = 'app'\n")
-    (app / ".gitignore").write_text("venv/\n*.log\n")
+def _app(folder: Path) -> Path:
+    """An app with an ignored folder, a folder Flower always leaves out, a symlink, a CSV
+    (Flower packs no CSV) and code; the project's own pyproject.toml."""
+    app = folder / "app"
+    for sub in ("pkg/__pycache__", "venv/lib", "pkg/data"):
+        (app / sub).mkdir(parents=True)
+    (app / "pyproject.toml").write_bytes((ROOT / "pyproject.toml").read_bytes())
     (app / "pkg" / "task.py").write_text("x = 1\n")
+    (app / "pkg" / "__pycache__" / "stale.py").write_text("z = 3\n")
     (app / "pkg" / "run.log").write_text("noise\n")
     (app / "pkg" / "bars.csv").write_text("t,close\n")
+    (app / "pkg" / "data" / "meta.json").write_text("{}\n")
     (app / "venv" / "lib" / "site.py").write_text("y = 2\n")
     (app / "pkg" / "link.py").symlink_to(app / "pkg" / "task.py")
+    return app
+
+
+def test_ignored_folders_symlinks_and_unpacked_kinds_stay_out(tmp_path: Path) -> None:
+    # Prepare
+    app = _app(tmp_path)
+    (app / ".gitignore").write_text("venv/\n*.log\n")
 
     # Execute
     with packed_files(app) as copy:
         files = sorted(p.relative_to(copy).as_posix() for p in copy.rglob("*") if p.is_file())
+        packed = build_fab_from_disk(copy)
+
+    # Assert: only what Flower packs, into Flower's FAB of the folder
+    assert files == [".gitignore", "pkg/data/meta.json", "pkg/task.py", "pyproject.toml"]
+    assert packed == build_fab_from_disk(app)
+
+
+def test_a_symlinked_gitignore_counts_for_nothing_as_with_flower(tmp_path: Path) -> None:
+    # Prepare: Flower skips symlinked files, so it never reads this .gitignore
+    app = _app(tmp_path)
+    (tmp_path / "rules").write_text("data/\n")
+    (app / ".gitignore").symlink_to(tmp_path / "rules")
+
+    # Execute
+    with packed_files(app) as copy:
+        packed = build_fab_from_disk(copy)
+        kept = (copy / "pkg" / "data" / "meta.json").is_file()
 
     # Assert
-    assert files == [".gitignore", "pkg/task.py", "pyproject.toml"]
+    assert kept and packed == build_fab_from_disk(app)
 
 
 def test_a_gitignore_that_re_includes_files_hands_over_the_folder_itself(tmp_path: Path) -> None:

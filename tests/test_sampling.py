@@ -16,7 +16,8 @@ from flwr.clientapp import ClientApp
 from sigmax_fl import client_app, runs
 from sigmax_fl.attacks import LoopbackGrid, run_server_app, simulated_nodes
 from sigmax_fl.deploy.flwr_cli import FlwrHome
-from sigmax_fl.strategy import INSTANCE_QUERY
+from sigmax_fl.settings import Settings
+from sigmax_fl.strategy import INSTANCE_QUERY, QUERY_TIMEOUT
 
 from .conftest import simulate
 
@@ -187,3 +188,38 @@ def test_flowers_simulation_samples_the_instances_of_a_run_with_other_node_ids(
     sampled = trained(tmp_path / "flower")
     assert sampled == trained(tmp_path / "loopback") and [len(s) for s in sampled] == [2, 2]
     assert_same_model(model(tmp_path / "flower"), model(tmp_path / "loopback"))
+
+
+def test_names_from_the_federated_scaler_round_spare_the_query(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The statistics round already heard every instance name its node
+    config = partial_run(tmp_path, monkeypatch, **{"scaler": "federated", "num-server-rounds": 2})
+    grid = run({**config, "run-name": "scaled"}, 81)
+    assert grid.queries() == {}
+    assert [len(s) for s in trained(tmp_path / "scaled")] == [INSTANCES // 2] * 2
+
+
+def test_two_nodes_that_give_one_instance_id_are_named_in_a_warning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Prepare: partitions 0 and 1 were both started as instance 'twin'
+    config = {**partial_run(tmp_path, monkeypatch), "run-name": "twins", "num-server-rounds": 2}
+    nodes = simulated_nodes(config, 91, INSTANCES)
+    twins = sorted(n for n, (_, c) in nodes.items() if c.node_config["partition-id"] in (0, 1))
+    for node in twins:
+        nodes[node][1].node_config["instance-id"] = "twin"
+
+    # Execute
+    with caplog.at_level(logging.WARNING, logger="flwr.sigmax_fl.strategy"):
+        run_server_app(CountingGrid(nodes, 91), config)
+
+    # Assert: one warning (not one per sample), naming both nodes and the instance
+    said = [r.getMessage() for r in caplog.records if "all say they serve" in r.getMessage()]
+    assert len(said) == 1
+    assert "'synthetic-twin'" in said[0] and all(str(n) in said[0] for n in twins)
+
+
+def test_the_query_waits_at_most_a_minute_or_the_round_timeout() -> None:
+    assert Settings().strategy().query_timeout == QUERY_TIMEOUT == 60.0
+    assert Settings(round_timeout=20.0).strategy().query_timeout == 20.0

@@ -77,19 +77,22 @@ def packed_files(app_dir: Path) -> Iterator[Path]:
     ``flwr run`` walks and resolves every file under the app folder and only then applies
     ``.gitignore``: with this project's ``.venv`` inside it, about 48,000 files and 2.5 s of
     every run here. The copy holds the files Flower would pack, by its own patterns (the kinds
-    of file it takes, minus ``.gitignore``), so the FAB, whose hash is of paths and content
-    only, is the same; it takes milliseconds. A ``.gitignore`` with a ``!`` pattern could
-    re-include a file under an ignored folder, so then the folder is used as it is.
+    of file it takes, minus its own exclusions and ``.gitignore``), so the FAB, whose hash is
+    of paths and content only, is the same; it takes milliseconds. A ``.gitignore`` with a
+    ``!`` pattern could re-include a file under an ignored folder, so then the folder is used
+    as it is. Like Flower, a symlinked ``.gitignore`` counts for nothing.
     """
     from flwr.cli.utils import build_pathspec, load_gitignore_patterns
-    from flwr.supercore.constant import APP_PUBLISH_INCLUDE_PATTERNS
+    from flwr.supercore.constant import APP_PUBLISH_EXCLUDE_PATTERNS, APP_PUBLISH_INCLUDE_PATTERNS
 
     gitignore = app_dir / ".gitignore"
-    patterns = load_gitignore_patterns(gitignore) if gitignore.is_file() else []
+    patterns = []
+    if gitignore.is_file() and not gitignore.is_symlink():
+        patterns = load_gitignore_patterns(gitignore)
     if any(p.lstrip().startswith("!") for p in patterns):
         yield app_dir
         return
-    ignored = build_pathspec(patterns)
+    ignored = build_pathspec([*patterns, *APP_PUBLISH_EXCLUDE_PATTERNS])
     packed = build_pathspec(APP_PUBLISH_INCLUDE_PATTERNS)
     with tempfile.TemporaryDirectory(prefix="sigmax-fl-app-") as tmp:
         copy = Path(tmp) / app_dir.name
@@ -443,7 +446,10 @@ class FlwrHome:
         if federation_config:
             options += ["--federation-config", format_config(federation_config)]
         with packed_files(app_dir.resolve()) as app:
-            return int(self.flwr("run", str(app), connection, *options)["run-id"])
+            try:
+                return int(self.flwr("run", str(app), connection, *options)["run-id"])
+            except FlwrError as err:  # name the user's folder, not the copy (gone by then)
+                raise FlwrError(str(err).replace(str(app), str(app_dir.resolve()))) from None
 
     def stream_logs(
         self, run_id: int, connection: str, sink: TextIO | None = None, timeout: float = 600.0
