@@ -388,7 +388,8 @@ class SecAggFedAvg(FedAvg):
     ``SecAggPlusWorkflow`` overwrites every FitRes' parameters with the decoded aggregate,
     ``sum_k b_k u_k / sum_k b_k``; :meth:`aggregate_fit` adds it to the global model it sent.
     Sampling is seeded and its size fixed before the round (:meth:`plan`), so that the
-    quantisation range can be chosen for exactly that many instances.
+    quantisation range can be chosen for exactly that many instances; a partial sample is drawn
+    over the nodes in the order of their instances, as ``WeightedFedAvg`` draws its own.
     """
 
     def __init__(
@@ -411,19 +412,33 @@ class SecAggFedAvg(FedAvg):
         self.max_weight = max_weight
         self.clip_norm = clip_norm
         self.min_train_replies = min_train_replies
-        self.rng = np.random.default_rng(seed)
+        # Not the evaluator's stream (seeded by the same seed): with equal fractions it would
+        # draw the same positions, and every round would score exactly the instances that trained.
+        self.rng = np.random.default_rng([seed, 1])
         self.info = RoundInfo()
         self._size = 0
+        self._order: dict[int, int] = {}
 
-    def plan(self, size: int, quantization_range: int) -> None:
-        """Fix the next round's sample size and the T its quantisation uses."""
+    def plan(self, size: int, quantization_range: int, order: Sequence[int] = ()) -> None:
+        """Fix the next round's sample size and the T its quantisation uses.
+
+        ``order``: for a partial sample, the nodes it is drawn over, in that order.
+        """
         self._size = size
+        self._order = {node: i for i, node in enumerate(order)}
         self.info = RoundInfo(quantization_range=quantization_range)
 
     def configure_fit(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, FitIns]]:
         proxies = sorted(client_manager.all().values(), key=lambda p: p.node_id)
+        if self._order:
+            # The nodes the order was made for: one that connected since would shift every
+            # position drawn (and the size and T were fixed for these)
+            proxies = sorted(
+                (p for p in proxies if p.node_id in self._order),
+                key=lambda p: self._order[p.node_id],
+            )
         size = min(self._size, len(proxies))
         picked = [proxies[i] for i in sorted(self.rng.choice(len(proxies), size, replace=False))]
         self.info.sampled = {p.node_id: "" for p in picked}
@@ -540,7 +555,11 @@ class _Rounds:
         available = self._wait_for_nodes(context)
         size = min(available, max(int(available * s.fraction_train), s.min_train_nodes, 2))
         target = quantization_range(size)
-        self.strategy.plan(size, target)
+        order: list[int] = []
+        if size < available:
+            nodes = sorted(p.node_id for p in context.client_manager.all().values())
+            order = self.evaluator.by_instance(grid, nodes)
+        self.strategy.plan(size, target, order)
         SecAggPlusWorkflow(
             num_shares=_count_or_fraction(s.secagg_num_shares),
             reconstruction_threshold=_count_or_fraction(s.secagg_reconstruction_threshold),
@@ -550,6 +569,11 @@ class _Rounds:
             modulus_range=MODULUS_RANGE,
             timeout=s.round_timeout,
         )(grid, context)
+        # The masked replies name their instances, as plain train replies do: a partial
+        # evaluate sample then asks none of those nodes
+        self.evaluator.node_names.update(
+            (node, name) for node, name in self.strategy.info.sampled.items() if name
+        )
 
     def evaluate(self, grid: Grid, context: Context) -> None:
         """The normal Message-API evaluation of the new global model, then the round record."""

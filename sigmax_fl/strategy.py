@@ -605,12 +605,12 @@ class WeightedFedAvg(FedAvg):
             time.sleep(1.0)
         size = min(len(nodes), max(int(len(nodes) * fraction), minimum))
         if size < len(nodes):
-            nodes = self._by_instance(grid, nodes)
+            nodes = self.by_instance(grid, nodes)
         # Sample positions, not ids: node ids are uint64 and numpy would turn them into floats.
         picked = self.rng.choice(len(nodes), size=size, replace=False)
         return [nodes[i] for i in sorted(picked)]
 
-    def _by_instance(self, grid: Grid, nodes: list[int]) -> list[int]:
+    def by_instance(self, grid: Grid, nodes: list[int]) -> list[int]:
         """``nodes`` in the order of the instances they serve; nodes not yet named are asked.
 
         A sample of positions in this order picks the same instances whatever ids their nodes

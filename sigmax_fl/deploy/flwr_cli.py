@@ -24,8 +24,8 @@ internals. Facts of Flower 1.42 this module depends on (verified by running it):
   reported as ``{"success": false, "error-message": ...}`` with exit status 0,
   and ``flwr run`` exits 0 for a run that later fails: both are checked here.
 * ``flwr run APP`` walks and resolves every file under ``APP`` before it applies
-  ``.gitignore`` (``flwr.cli.utils.collect_files``); :func:`packed_files` hands it the
-  app without the ignored folders.
+  ``.gitignore`` (``flwr.cli.utils.collect_files``); :func:`packed_files` hands it only the
+  files it would pack.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ class FlwrError(RuntimeError):
 
 @contextlib.contextmanager
 def packed_files(app_dir: Path) -> Iterator[Path]:
-    """A copy of the app folder without the folders its ``.gitignore`` leaves out.
+    """A copy of just the files of the app folder that Flower packs, for ``flwr run``.
 
     ``flwr run`` walks and resolves every file under the app folder and only then applies
     ``.gitignore``: with this project's ``.venv`` inside it, about 48,000 files and 2.5 s of
