@@ -31,7 +31,7 @@ from flwr.serverapp import Grid
 
 from sigmax_fl import exchange
 from sigmax_fl.features import FEATURE_NAMES, Scaler
-from sigmax_fl.strategy import META_KEY, NotEnoughNodesError, instance_id
+from sigmax_fl.strategy import META_KEY, NotEnoughNodesError, given_instance_id, instance_id
 
 log = logging.getLogger(f"flwr.{__name__}")
 
@@ -170,8 +170,8 @@ def collect(
             )
             continue
         name = instance_id(reply)
-        if names is not None and name != f"node-{reply.metadata.src_node_id}":
-            names[reply.metadata.src_node_id] = name
+        if names is not None and (given := given_instance_id(reply)):
+            names[reply.metadata.src_node_id] = given
         try:
             moments = Moments.from_record(reply.content[RECORD])
         except (KeyError, ValueError, TypeError) as err:

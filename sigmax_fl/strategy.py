@@ -142,13 +142,18 @@ def _meta(message: Message) -> ConfigRecord | None:
     return meta if isinstance(meta, ConfigRecord) else None
 
 
-def instance_id(message: Message) -> str:
-    """The instance a reply speaks for: its own word, else Flower's node id."""
+def given_instance_id(message: Message) -> str | None:
+    """The instance a reply says it speaks for; None for one that names none (an error)."""
     if not message.has_error() and message.has_content():
         meta = _meta(message)
         if meta is not None and isinstance(meta.get("instance-id"), str):
             return str(meta["instance-id"])
-    return f"node-{message.metadata.src_node_id}"
+    return None
+
+
+def instance_id(message: Message) -> str:
+    """The instance a reply speaks for: its own word, else Flower's node id."""
+    return given_instance_id(message) or f"node-{message.metadata.src_node_id}"
 
 
 @dataclass
@@ -652,8 +657,7 @@ class WeightedFedAvg(FedAvg):
             for node in nodes
         ]
         for reply in exchange.send_and_receive(grid, asked, timeout=self.query_timeout):
-            name = instance_id(reply)
-            if name != f"node-{reply.metadata.src_node_id}":
+            if name := given_instance_id(reply):
                 self.node_names[reply.metadata.src_node_id] = name
         if silent := [n for n in nodes if n not in self.node_names]:
             self._unnamed.update(silent)
