@@ -228,13 +228,13 @@ def run_round(
         state,
         round=server_round,
         arrays=arrays,
-        rng=strategy.rng.bit_generator.state,
         privacy=accountant.state_dict() if accountant is not None else {},
         unscored=record,
     )
-    if settings.evaluate_on_receipt:
-        return state
-    return evaluate_round(state, strategy, grid, settings)
+    if not settings.evaluate_on_receipt:
+        state = evaluate_round(state, strategy, grid, settings)
+    # After the round's train and evaluate samples: a resumed run draws its next from here
+    return replace(state, rng=strategy.rng.bit_generator.state)
 
 
 def _not_sent(strategy: WeightedFedAvg, replies: exchange.Replies) -> None:
@@ -264,7 +264,7 @@ def evaluate_round(
     )
     _not_sent(strategy, evaluate_replies)
     scores = strategy.aggregate_evaluate(state.round, evaluate_replies)
-    scored = _scored(
+    return _scored(
         state,
         scores,
         strategy.last_evaluate,
@@ -272,9 +272,6 @@ def evaluate_round(
         seconds=time.monotonic() - started,
         bytes_sent=strategy.last_sent_bytes,
     )
-    # The evaluate sample drew from the sampling generator too: a resumed run must go on from
-    # after it, or its next train sample is not the unbroken run's.
-    return replace(scored, rng=strategy.rng.bit_generator.state)
 
 
 def _scored(
