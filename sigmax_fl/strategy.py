@@ -669,8 +669,17 @@ class WeightedFedAvg(FedAvg):
             )
 
     def _messages(
-        self, arrays: ArrayRecord, config: ConfigRecord, nodes: list[int], kind: str
+        self,
+        arrays: ArrayRecord,
+        config: ConfigRecord,
+        nodes: list[int],
+        kind: str,
+        server_round: int,
     ) -> list[Message]:
+        """One message per node, its config stamped with the round and the run's key."""
+        config["server-round"] = server_round
+        if self.run_key:
+            config[RUN_KEY] = self.run_key
         content = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
         return [Message(content=content, message_type=kind, dst_node_id=node) for node in nodes]
 
@@ -684,12 +693,9 @@ class WeightedFedAvg(FedAvg):
             return []
         nodes = self._sample(grid, self.fraction_train, self.min_train_nodes)
         self._sampled, self._unsent = nodes, {}
-        config["server-round"] = server_round
-        if self.run_key:
-            config[RUN_KEY] = self.run_key
         self.last_sent_bytes = arrays.count_bytes() * len(nodes)
         log.info("round %d: training on %d node(s)", server_round, len(nodes))
-        return self._messages(arrays, config, nodes, MessageType.TRAIN)
+        return self._messages(arrays, config, nodes, MessageType.TRAIN, server_round)
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -697,11 +703,8 @@ class WeightedFedAvg(FedAvg):
         if self.fraction_evaluate == 0.0:
             return []
         nodes = self._sample(grid, self.fraction_evaluate, self.min_evaluate_nodes)
-        config["server-round"] = server_round
-        if self.run_key:
-            config[RUN_KEY] = self.run_key
         self.last_sent_bytes += arrays.count_bytes() * len(nodes)
-        return self._messages(arrays, config, nodes, MessageType.EVALUATE)
+        return self._messages(arrays, config, nodes, MessageType.EVALUATE, server_round)
 
     def not_sent(self, messages: Iterable[Message], why: str) -> None:
         """Messages of the last ``configure_*`` that never left (see ``exchange.Replies``).
