@@ -21,6 +21,7 @@ from collections import deque
 from collections.abc import Iterable
 
 from flwr.app import Message
+from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
 from flwr.superlink.grid import InMemoryGrid
 
@@ -48,6 +49,26 @@ PASS_BUDGET = 32_000
 
 MIN_IN_FLIGHT = 16
 """Simulation: never fewer messages in flight than this, however many nodes there are."""
+
+
+def deployed(grid: Grid) -> bool:
+    """Whether ``grid`` reaches a deployed SuperLink: Flower's own grid, not simulation's."""
+    return type(grid).__module__.startswith("flwr.") and not isinstance(grid, InMemoryGrid)
+
+
+def from_destination(reply: Message, destinations: dict[str, int]) -> Message:
+    """``reply``, booked to its message's destination node if the SuperLink wrote it.
+
+    When a destination node's heartbeat lapses, or its reply expires, the SuperLink answers in
+    its place with an error whose source node is its own (``SUPERLINK_NODE_ID``, 1). Booked as
+    it comes, every such error would go to one "node-1", and the nodes it stands for would
+    look silent. ``destinations``: pushed message id -> its destination node.
+    """
+    if reply.metadata.src_node_id == SUPERLINK_NODE_ID:
+        node = destinations.get(reply.metadata.reply_to_message_id)
+        if node is not None:
+            reply.metadata.__dict__["_src_node_id"] = node
+    return reply
 
 
 def in_flight_limit(grid: Grid, num_messages: int) -> int | None:
@@ -114,6 +135,7 @@ def send_and_receive(
     longest = SIMULATION_MAX_INTERVAL if isinstance(grid, InMemoryGrid) else MAX_INTERVAL
     deadline = None if timeout is None else time.monotonic() + timeout
     pending: set[str] = set()
+    destinations: dict[str, int] = {}
     replies = Replies()
     interval = MIN_INTERVAL
     while queued or pending:
@@ -121,12 +143,13 @@ def send_and_receive(
             batch = [queued.popleft() for _ in range(min(limit - len(pending), len(queued)))]
             pushed = {i for i in grid.push_messages(batch) if i}
             pending |= pushed
+            destinations.update((m.metadata.message_id, m.metadata.dst_node_id) for m in batch)
             # Both of Flower's grids set each message's id before they store it
             replies.refused += [m for m in batch if m.metadata.message_id not in pushed]
             if not pending:
                 continue
         started = time.monotonic()
-        got = list(grid.pull_messages(pending))
+        got = [from_destination(m, destinations) for m in grid.pull_messages(pending)]
         cost = time.monotonic() - started
         replies += got
         pending.difference_update(m.metadata.reply_to_message_id for m in got)

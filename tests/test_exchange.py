@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.server.superlink.linkstate.in_memory_linkstate import InMemoryLinkState
 from flwr.superlink.grid import InMemoryGrid
 
@@ -99,6 +100,32 @@ def test_a_silent_node_costs_the_timeout_and_the_others_are_returned(federation)
 
     assert sorted(m.metadata.src_node_id for m in replies) == sorted(nodes.nodes[1:])
     assert 0.5 <= took < 0.8, took
+
+
+@pytest.mark.parametrize("federation", [3], indirect=True)
+def test_an_error_the_superlink_writes_for_a_lapsed_node_is_booked_to_that_node(
+    federation,
+) -> None:
+    # Node 0 takes its message and dies; its heartbeat lapses (Flower: 2 x 30 s, here now)
+    grid, nodes = federation
+    lost = nodes.nodes[0]
+    nodes.silent = {lost}
+    strategy = WeightedFedAvg(fraction_train=1.0, min_available_nodes=len(nodes.nodes))
+    model = ArrayRecord({"w": Array(np.zeros(10, dtype=np.float32))})
+    messages = list(strategy.configure_train(1, model, ConfigRecord(), grid))
+    grid.state.nodes[lost].online_until = time.time() - 1.0
+
+    replies = exchange.send_and_receive(grid, messages, timeout=5)
+    strategy.aggregate_train(1, replies)
+
+    # The SuperLink answered in the lost node's place, as node 1: the verdict is the lost node's
+    (error,) = [m for m in replies if m.has_error()]
+    assert "Node Unavailable" in error.error.reason
+    assert error.metadata.src_node_id == lost
+    (verdict,) = [s for s in strategy.last_train if s.node_id == lost]
+    assert verdict.instance_id == f"node-{lost}"
+    assert "Node Unavailable" in verdict.reason and not verdict.missing
+    assert not any(s.node_id == SUPERLINK_NODE_ID for s in strategy.last_train)
 
 
 @pytest.mark.parametrize("federation", [200], indirect=True)
