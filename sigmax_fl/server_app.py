@@ -444,6 +444,8 @@ def main(grid: Grid, context: Context) -> None:
     accountant = CentralAccountant() if settings.dp == "central" else None
     if accountant is not None and state.privacy:
         accountant.load_state_dict(state.privacy)
+    # Deployment: count only SuperNodes that answer (a restarted SuperLink lists ghosts)
+    strategy.roll_call(grid)
     if settings.scaler == "federated" and not state.scaler:
         # Round 0: pooled feature statistics, once per run (a resumed run keeps its own)
         scaler = scaling.collect(

@@ -80,6 +80,8 @@ QUERY_TIMEOUT = 60.0
 """Longest wait, in seconds, for that answer (``round-timeout`` if shorter). A healthy node
 answers in seconds, also deployed (a 3 s poll and a fresh ClientApp process); a node that is
 down or busy with a late training must not hold the round for a whole ``round-timeout``."""
+ROLL_CALL_INTERVAL = 0.5
+"""Seconds between the roll call's looks at the SuperLink (:meth:`WeightedFedAvg.roll_call`)."""
 
 AGGREGATIONS = ("weighted-fedavg", "trimmed-mean", "median", "krum")
 NORM_POLICIES = ("reject", "clip")
@@ -646,16 +648,68 @@ class WeightedFedAvg(FedAvg):
                 )
         return ordered
 
+    def _query(self, node: int) -> Message:
+        """The question which instance ``node`` serves (:data:`INSTANCE_QUERY`)."""
+        return Message(
+            RecordDict({self.configrecord_key: ConfigRecord()}),
+            dst_node_id=node,
+            message_type=INSTANCE_QUERY,
+        )
+
+    def roll_call(self, grid: Grid) -> None:
+        """Deployment, before a run's first exchange: wait until enough nodes have answered.
+
+        A SuperLink restarted on its database lists the SuperNodes it had before as online
+        until their heartbeats lapse (Flower: twice their 30 s interval). Counted toward
+        ``min-available-nodes``, such ghosts could take a resumed run's first round alone
+        while the restarted SuperNodes were still connecting: every reply an error, the round
+        skipped, and the run one round short of the unbroken one. A node is counted here once
+        it says which instance it serves (which also names it); each listed node is asked
+        once, newcomers as they appear, for at most ``wait-for-nodes-timeout``. In simulation
+        every listed node is live, and nothing is asked.
+        """
+        if not exchange.deployed(grid):
+            return
+        needed = max(self.min_available_nodes, self.min_train_nodes)
+        deadline = time.monotonic() + self.wait_for_nodes_timeout
+        asked: set[int] = set()
+        waiting: dict[str, int] = {}  # question's message id -> node
+        next_line = time.monotonic()  # a log line a second while waiting
+        while True:
+            listed = set(grid.get_node_ids())
+            live = listed & set(self.node_names)
+            if len(live) >= needed:
+                return
+            if new := sorted(listed - asked - live):
+                questions = [self._query(node) for node in new]
+                pushed = set(grid.push_messages(questions))
+                waiting.update(
+                    (m.metadata.message_id, m.metadata.dst_node_id)
+                    for m in questions
+                    if m.metadata.message_id in pushed
+                )
+                asked.update(new)
+            for reply in grid.pull_messages(list(waiting)):
+                node = waiting.pop(reply.metadata.reply_to_message_id, None)
+                if node is not None and (name := given_instance_id(reply)):
+                    self.node_names[node] = name
+            if len(listed) < needed:
+                count, line = f"{len(listed)} SuperNode(s) connected", f"{len(listed)} connected"
+            else:
+                count = line = f"{len(live)} of {len(listed)} connected SuperNode(s) answered"
+            if time.monotonic() > deadline:
+                raise NotEnoughNodesError(
+                    f"{count}, {needed} needed (min-available-nodes / min-train-nodes) after "
+                    f"waiting {self.wait_for_nodes_timeout:.0f} s (wait-for-nodes-timeout)"
+                )
+            if time.monotonic() >= next_line:
+                log.info("waiting for SuperNodes: %s, %d needed", line, needed)
+                next_line = time.monotonic() + 1.0
+            time.sleep(ROLL_CALL_INTERVAL)
+
     def _name(self, grid: Grid, nodes: list[int]) -> None:
         """Ask ``nodes`` which instance each serves; one exchange, before the sample is drawn."""
-        asked = [
-            Message(
-                RecordDict({self.configrecord_key: ConfigRecord()}),
-                dst_node_id=node,
-                message_type=INSTANCE_QUERY,
-            )
-            for node in nodes
-        ]
+        asked = [self._query(node) for node in nodes]
         for reply in exchange.send_and_receive(grid, asked, timeout=self.query_timeout):
             if name := given_instance_id(reply):
                 self.node_names[reply.metadata.src_node_id] = name

@@ -21,6 +21,8 @@ NODES = {
     "bitstamp-eth": (DATA / "bitstamp_BTC_ETH_LTC_USD_d.csv#ETH", "bitstamp"),
 }
 RUN_CONFIG = {"num-server-rounds": 3, "local-epochs": 1, "min-available-nodes": 2}
+GHOSTS_ALONE = 5.0
+"""Seconds the resumed run has only the lost SuperNodes listed before the new ones start."""
 
 
 def start_nodes(supervisor: Supervisor, home: FlwrHome, address: str, tag: str) -> None:
@@ -63,20 +65,24 @@ def test_killed_superlink_resumes_to_the_same_model(tmp_path: Path) -> None:
         while not checkpoint.exists():
             assert time.monotonic() < deadline, "round 1 was never checkpointed"
             time.sleep(0.2)
-        supervisor.stop_all()  # SuperLink, its ServerApp and the SuperNodes: a machine lost
+        # A machine lost: the SuperLink and its ServerApp go first, so the ServerApp never
+        # sees the SuperNodes leave (their graceful exit would fail its round 2, which it
+        # would record as skipped), and the database still lists them as online.
+        link.process.stop()
+        supervisor.stop_all()
         assert not (outputs / "broken" / "final_model.pt").exists()
 
-        # Restart on the same database and resume from the run folder
+        # Restart on the same database and resume from the run folder. The database still
+        # lists the lost SuperNodes as online until their heartbeats lapse: the resumed run
+        # starts before the new ones connect, and must not give its first round to the ghosts.
         link = start_superlink(supervisor, home, database)
         home.add_connection("broken", link.address)
-        start_nodes(supervisor, home, link.address, "second")
-        home.run_app(
-            ROOT,
-            "broken",
-            run_config={**config, "resume-from": str(outputs / "broken")},
-            stream=False,
-            timeout=300,
+        resumed_run = home.flwr_run(
+            ROOT, "broken", run_config={**config, "resume-from": str(outputs / "broken")}
         )
+        time.sleep(GHOSTS_ALONE)
+        start_nodes(supervisor, home, link.address, "second")
+        assert home.wait_for_run(resumed_run, "broken", timeout=300) == FINISHED_OK
         assert home.wait_for_run(ref_run, "ref", timeout=300) == FINISHED_OK
     assert supervisor.remaining() == [] and reference.remaining() == []
 
@@ -84,5 +90,6 @@ def test_killed_superlink_resumes_to_the_same_model(tmp_path: Path) -> None:
     assert unbroken.keys() == resumed.keys()
     for name in unbroken:
         assert torch.equal(unbroken[name], resumed[name]), name
-    history = (outputs / "broken" / "history.jsonl").read_text().splitlines()
-    assert [json.loads(line)["round"] for line in history] == [1, 2, 3]
+    history = [json.loads(line) for line in (outputs / "broken" / "history.jsonl").open()]
+    assert [record["round"] for record in history] == [1, 2, 3]
+    assert not any(record["skipped"] for record in history)
