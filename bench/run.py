@@ -531,10 +531,11 @@ def simulate(
             }
         )
     last = per_round[-1]
-    # bytes_sent = model bytes x (train messages + evaluate messages)
+    # bytes_sent = model bytes x (train messages + evaluate messages); the last round has both
     per_msg = last["bytes_sent"] / (last["train_replies"] + last["evaluate_replies"])
     down_train = per_msg
-    down_total = last["bytes_sent"] / n
+    # One exchange a round sends the model once; two, twice
+    down_total = med([r["bytes_sent"] / n for r in per_round])
     up = last["up_bytes_per_instance_median"]
     result["rounds"] = per_round
     phases = [r["phase_seconds"] for r in history[1:] if r.get("phase_seconds")]
@@ -549,23 +550,33 @@ def simulate(
     return result
 
 
-ON_RECEIPT_UP_TO = 100
-"""Instances up to which the app also runs with ``evaluate-on-receipt = true``."""
+OTHER_WAY_UP_TO = 100
+"""Instances up to which the app also runs with ``evaluate-on-receipt`` the other way."""
 
 
-def _on_receipt(n: int, overrides: dict[str, object], work: Path, left: float) -> dict:
-    """The app again with ``evaluate-on-receipt = true``: one exchange a round."""
+def one_exchange(overrides: dict[str, object]) -> bool:
+    """What ``evaluate-on-receipt`` resolves to for these overrides (``auto`` by default)."""
+    from sigmax_fl.settings import Settings
+
+    return bool(Settings.from_run_config(overrides).evaluate_on_receipt)
+
+
+def _other_way(n: int, overrides: dict[str, object], work: Path, left: float) -> dict:
+    """The app again with ``evaluate-on-receipt`` set against what its default resolves to."""
+    fused = not one_exchange(overrides)
+    label = "one exchange" if fused else "two exchanges"
     try:
-        return simulate(
+        result = simulate(
             n,
-            {**overrides, "evaluate-on-receipt": True},
-            work / f"sim-{n}-on-receipt",
+            {**overrides, "evaluate-on-receipt": fused},
+            work / f"sim-{n}-other-way",
             timeout=max(120.0, left),
-            label="sigmax-fl on-receipt",
+            label=f"sigmax-fl {label}",
         )
     except Exception as err:  # recorded like any failed run
-        print(f"[bench] on-receipt n={n} failed: {err}", flush=True)
-        return {"error": f"{type(err).__name__}: {str(err)[:300]}"}
+        print(f"[bench] {label} n={n} failed: {err}", flush=True)
+        result = {"error": f"{type(err).__name__}: {str(err)[:300]}"}
+    return {**result, "evaluate_on_receipt": fused}
 
 
 def wire_bytes() -> dict:
@@ -637,8 +648,8 @@ def _targets(res: dict) -> list[str]:
 
     r100 = sims.get(100)
     x = r100["steady_round_s"] / r100["floor"]["train_s"] if r100 else None
-    fused = r100.get("on_receipt", {}).get("steady_round_s") if r100 else None
-    y = fused / r100["floor"]["train_s"] if fused else None
+    other = r100.get("other_way", {}) if r100 else {}
+    y = other["steady_round_s"] / r100["floor"]["train_s"] if other.get("steady_round_s") else None
     why = (
         f"default: {phases(r100)} for a floor of {_fmt(r100['floor']['train_s'])} s; each phase "
         "waits up to one 0.1 s pass of Flower's engine before its messages are handed out"
@@ -647,28 +658,29 @@ def _targets(res: dict) -> list[str]:
     )
     rows.append(
         ("steady round at 100 instances <= 1.5x floor",
-         f"{x:.2f}x" + (f"; {y:.2f}x with `evaluate-on-receipt = true`" if y else "")
-         if x else "-",
+         f"{x:.2f}x ({_exchanges(r100)})"
+         + (f"; {y:.2f}x with {_exchanges(other)}" if y else "") if x else "-",
          verdict(None if x is None else x <= 1.5)
-         + (f"; on-receipt: {verdict(y <= 1.5)}" if y else ""), why)
+         + (f"; {_exchanges(other)}: {verdict(y <= 1.5)}" if y else ""), why)
     )  # fmt: skip
     r10 = sims.get(10)
-    two = r10.get("steady_over_stock") if r10 else None
-    x = r10.get("on_receipt", {}).get("steady_over_stock") if r10 else None
+    x = r10.get("steady_over_stock") if r10 else None
+    other = r10.get("other_way", {}) if r10 else {}
+    y = other.get("steady_over_stock")
     why = (
-        f"default (two exchanges a round): {phases(r10)}. Flower's engine hands "
-        "each node at most one message per pass and sleeps 0.1 s between passes "
+        f"default ({_exchanges(r10)}): {phases(r10)}. Flower's engine hands each node at most "
+        "one message per pass and sleeps 0.1 s between passes "
         "(`vce_api.add_messages_to_queue`), so a round of two exchanges (train, then evaluate "
-        "the new model), as stock's, waits for two passes; with `evaluate-on-receipt` a round "
-        "is one exchange"
+        "the new model), as stock's, waits for two passes and one exchange for one"
         if r10
         else ""
     )
     rows.append(
         ("steady round at 10 instances <= 0.6x stock",
-         f"{x:.2f}x with `evaluate-on-receipt = true`; default {_fmt(two)}x" if x else "-",
-         verdict(None if x is None else x <= 0.6) + " (on-receipt)"
-         + (f"; default: {verdict(two <= 0.6)}" if two else ""), why)
+         f"{x:.2f}x ({_exchanges(r10)})" + (f"; {y:.2f}x with {_exchanges(other)}" if y else "")
+         if x else "-",
+         verdict(None if x is None else x <= 0.6)
+         + (f"; {_exchanges(other)}: {verdict(y <= 0.6)}" if y else ""), why)
     )  # fmt: skip
     # At 1,000 instances one round's own training is longer than the target: its start-up
     # overhead (first round minus a steady one) is in the per-round list below.
@@ -848,7 +860,7 @@ def _simulation_md(res: dict) -> list[str]:
         ("up per instance per round (history, train.bytes)", "up_bytes_per_instance_per_round"),
         ("down per instance per round, train only (history)", "down_bytes_per_train_message"),
         (
-            "down per instance per round, train + evaluate (history bytes_sent / n)",
+            "down per instance per round (history bytes_sent / n, median of rounds)",
             "down_bytes_per_instance_per_round",
         ),
     ):
@@ -886,7 +898,7 @@ def _simulation_md(res: dict) -> list[str]:
             f"{_fmt(f['evaluate_s'])} | {(f'{ratio:.1f}x' if ratio else '-')} | "
             f"{row['peak_rss_all_processes_mib']:.0f} | {row['peak_pss_all_processes_mib']:.0f} |"
         )
-    lines += _on_receipt_md(res)
+    lines += _other_way_md(res)
     stock_rows = [r for r in res["simulation"] if "stock" in r]
     if stock_rows:
         lines += [
@@ -916,10 +928,15 @@ def _simulation_md(res: dict) -> list[str]:
     for row in res["simulation"]:
         if "round_seconds" in row:
             stock = row.get("stock", {}).get("round_seconds")
-            on_receipt = row.get("on_receipt", {}).get("round_seconds")
+            other = row.get("other_way", {})
             lines.append(
-                f"- {row['instances']} instances: sigmax-fl {row['round_seconds']}"
-                + (f"; on-receipt {on_receipt}" if on_receipt else "")
+                f"- {row['instances']} instances: sigmax-fl ({_exchanges(row)}) "
+                f"{row['round_seconds']}"
+                + (
+                    f"; {_exchanges(other)} {other['round_seconds']}"
+                    if "round_seconds" in other
+                    else ""
+                )
                 + (f"; stock {stock}" if stock else "")
             )
     lines += ["", "Notes:", ""]
@@ -927,32 +944,40 @@ def _simulation_md(res: dict) -> list[str]:
     return lines
 
 
-def _on_receipt_md(res: dict) -> list[str]:
-    rows = [r for r in res["simulation"] if "on_receipt" in r]
+def _exchanges(row: dict) -> str:
+    """How a run's rounds went: ``evaluate-on-receipt`` as it resolved."""
+    return "one exchange a round" if row.get("evaluate_on_receipt") else "two exchanges a round"
+
+
+def _other_way_md(res: dict) -> list[str]:
+    rows = [r for r in res["simulation"] if "other_way" in r]
     if not rows:
         return []
     lines = [
         "",
-        "### sigmax-fl with `evaluate-on-receipt = true`, same runs",
+        "### sigmax-fl with `evaluate-on-receipt` the other way, same runs",
         "",
-        "One exchange a round: each instance scores the model it receives before training on it, "
-        "so a round waits for one pass of Flower's engine instead of two (README, "
-        "`evaluate-on-receipt`). `fraction-train` is 1, so the same seeds give the same models "
-        "as above; the scores come from every instance that trains (at 100 instances 100 score "
-        "each round where the runs above sample 10 with `fraction-evaluate` 0.1).",
+        '`evaluate-on-receipt = "auto"` (the default) makes a round one exchange where that '
+        "changes no score and no model: `fraction-train` and `fraction-evaluate` both 1, as at "
+        "3 and 10 instances here. Each instance then scores the model it receives before "
+        "training on it, so a round waits for one pass of Flower's engine instead of two. At "
+        "100 instances `fraction-evaluate` is 0.1, so the default is two exchanges; with one, "
+        "all 100 instances score each round instead of a sample of 10. These runs set the key "
+        "against its default.",
         "",
-        "| instances | run wall s | first round s | steady round s | steady / floor | "
-        "steady / stock steady | train phase s (steady) | peak RSS MiB |",
-        "|---|---|---|---|---|---|---|---|",
+        "| instances | rounds are | run wall s | first round s | steady round s | "
+        "steady / floor | steady / stock steady | train phase s (steady) | peak RSS MiB |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
-        o = row["on_receipt"]
+        o = row["other_way"]
         if "error" in o:
-            lines.append(f"| {row['instances']:,} | {o['error']} |  |  |  |  |  |  |")
+            lines.append(f"| {row['instances']:,} | {o['error']} |  |  |  |  |  |  |  |")
             continue
         ratio = o["steady_round_s"] / row["floor"]["train_s"] if o.get("steady_round_s") else None
         lines.append(
-            f"| {row['instances']:,} | {o['run_wall_s']:.1f} | {o['first_round_s']:.2f} | "
+            f"| {row['instances']:,} | {_exchanges(o)} | {o['run_wall_s']:.1f} | "
+            f"{o['first_round_s']:.2f} | "
             f"{_fmt(o['steady_round_s'])} | {(f'{ratio:.1f}x' if ratio else '-')} | "
             f"{_fmt(o.get('steady_over_stock'))} | "
             f"{_fmt(o.get('steady_phase_s', {}).get('train'))} | "
@@ -1083,8 +1108,8 @@ def main(argv: list[str] | None = None) -> int:
             if n >= 100:
                 overrides["fraction-evaluate"] = 0.1
             elapsed = time.perf_counter() - t_start
-            # The app runs twice up to ON_RECEIPT_UP_TO instances (two exchanges, on-receipt)
-            guess = _estimate(last_sigmax, n) * (2 if n <= ON_RECEIPT_UP_TO else 1)
+            # The app runs twice up to OTHER_WAY_UP_TO instances (one and two exchanges)
+            guess = _estimate(last_sigmax, n) * (2 if n <= OTHER_WAY_UP_TO else 1)
             if elapsed + guess > args.budget:
                 res["simulation"].append(
                     {"instances": n, "skipped": f"skipped: budget (est. {guess:.0f} s)"}
@@ -1103,14 +1128,15 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 left = args.budget - (time.perf_counter() - t_start)
                 row = simulate(n, overrides, work / f"sim-{n}", timeout=max(120.0, left))
+                row["evaluate_on_receipt"] = one_exchange(overrides)
                 row["floor"] = floor
                 row["steady_over_floor"] = (
                     row["steady_round_s"] / floor["train_s"] if row["steady_round_s"] else None
                 )
                 last_sigmax = _wall_parts(row)
-                if n <= ON_RECEIPT_UP_TO:
+                if n <= OTHER_WAY_UP_TO:
                     left = args.budget - (time.perf_counter() - t_start)
-                    row["on_receipt"] = _on_receipt(n, overrides, work, left)
+                    row["other_way"] = _other_way(n, overrides, work, left)
                 elapsed = time.perf_counter() - t_start
                 guess = _estimate(last_stock, n)
                 if args.no_stock:
@@ -1128,7 +1154,7 @@ def main(argv: list[str] | None = None) -> int:
                             n, overrides, work / f"stock-{n}", timeout=max(120.0, left)
                         )
                         row["stock"] = stock
-                        for ours in (row, row.get("on_receipt", {})):
+                        for ours in (row, row.get("other_way", {})):
                             if stock["steady_round_s"] and ours.get("steady_round_s"):
                                 ours["steady_over_stock"] = (
                                     ours["steady_round_s"] / stock["steady_round_s"]

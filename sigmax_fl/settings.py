@@ -73,11 +73,12 @@ class Settings:
     min_train_nodes: int = 2
     min_available_nodes: int = 2
     round_timeout: float = 600.0
-    evaluate_on_receipt: bool = False
+    evaluate_on_receipt: bool | str = "auto"
     """Each instance scores the model a train message carries (the last round's global model)
     before training on it and sends the scores with its update, so a round is one exchange
     instead of two; the last model is scored by one closing evaluate phase. Each round's scores
-    then come from the instances sampled to train, a round later."""
+    then come from the instances sampled to train, a round later. ``"auto"`` resolves to true
+    exactly where that gives the two-phase run's history and model (:meth:`_one_exchange`)."""
     local_epochs: int = 5
     batch_size: int = 32
     learning_rate: float = 0.001
@@ -226,7 +227,11 @@ class Settings:
                 self.update_encoding,
                 "'float32' with secure-aggregation = true (SecAgg+ quantises updates itself)",
             )
-        if self.evaluate_on_receipt:
+        if self.evaluate_on_receipt == "auto":
+            object.__setattr__(self, "evaluate_on_receipt", self._one_exchange())
+        elif not isinstance(self.evaluate_on_receipt, bool):
+            _bad("evaluate_on_receipt", self.evaluate_on_receipt, "true, false or 'auto'")
+        elif self.evaluate_on_receipt:
             self._check_evaluate_on_receipt()
         for name in ("fine_tune_epochs", "grad_accumulation_steps"):
             if getattr(self, name) < 1:
@@ -258,6 +263,22 @@ class Settings:
             allowed = _USE_CASE_ALLOWS[self.use_case][name]
             if getattr(self, name) not in allowed:
                 _bad(name, value, f"one of {list(allowed)} with use-case = '{self.use_case}'")
+
+    def _one_exchange(self) -> bool:
+        """Whether scores can ride on the train replies without changing history or model.
+
+        Every instance trains and is scored each round, so the scorers are the trainers; no
+        early stopping, which would learn of a stale round a round late and train one more;
+        and none of the refusals of :meth:`_check_evaluate_on_receipt`. What still differs is
+        time and bytes, and an instance whose training fails goes unscored that round.
+        """
+        return (
+            self.fraction_train == 1.0
+            and self.fraction_evaluate == 1.0
+            and not self.early_stopping_patience
+            and not self.secure_aggregation
+            and not (self.dp == "local" and self.dp_target_epsilon)
+        )
 
     def _check_evaluate_on_receipt(self) -> None:
         """Refuse scoring in the train reply where it would lose scores the two phases keep.
@@ -429,15 +450,15 @@ class Settings:
         values: dict[str, Any] = {}
         for key, value in config.items():
             f = by_key[key]
-            expected = {"int": int, "float": float, "str": str, "bool": bool}[str(f.type)]
-            if expected is float and isinstance(value, int) and not isinstance(value, bool):
+            expected = _TYPES[str(f.type)]
+            if float in expected and isinstance(value, int) and not isinstance(value, bool):
                 value = float(value)
             if not isinstance(value, expected) or (
-                isinstance(value, bool) and expected is not bool
+                isinstance(value, bool) and bool not in expected
             ):
                 raise ConfigError(
-                    f"run-config '{key}' = {value!r}: expected {expected.__name__}, "
-                    f"got {type(value).__name__}"
+                    f"run-config '{key}' = {value!r}: expected "
+                    f"{' or '.join(t.__name__ for t in expected)}, got {type(value).__name__}"
                 )
             values[f.name] = value
         return cls(**values)
@@ -445,6 +466,16 @@ class Settings:
     def to_run_config(self) -> dict[str, Any]:
         """The kebab-case mapping, as written to the run's outputs."""
         return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
+
+
+_TYPES: dict[str, tuple[type, ...]] = {
+    "int": (int,),
+    "float": (float,),
+    "str": (str,),
+    "bool": (bool,),
+    "bool | str": (bool, str),
+}
+"""A field's annotation -> the run-config value types it takes (TOML has no other)."""
 
 
 def _bad(name: str, value: object, expected: str) -> None:

@@ -1,4 +1,5 @@
-"""``evaluate-on-receipt``: one exchange a round, the same history, model and resume.
+"""``evaluate-on-receipt``: one exchange a round (by default where it changes nothing), the same
+history, model and resume.
 
 The in-process runs drive the real ServerApp and ClientApp over :class:`LoopbackGrid` (Flower's
 protobuf wire format, no network); the last test is one real Flower simulation run.
@@ -23,6 +24,7 @@ from .conftest import simulate, small_run
 
 INSTANCES = ("coinbase-btc-usd-1d", "bitstamp-eth-usd-1d", "bitstamp-ltc-usd-1d")
 ON_RECEIPT = {"evaluate-on-receipt": True}
+TWO_PHASES = {"evaluate-on-receipt": False}
 
 
 def _training_fails_in(server_round: int) -> ClientApp:
@@ -52,14 +54,16 @@ class CountingGrid(attacks.LoopbackGrid):
         """(message type, server round, whether the received model is to be scored)."""
 
     def _deliver(self, message: Message) -> Message:
-        config = message.content["config"]
-        self.sent.append(
-            (
-                message.metadata.message_type,
-                int(config["server-round"]),
-                bool(config.get(EVALUATE_RECEIVED_KEY, False)),
+        kind = message.metadata.message_type
+        if kind in (MessageType.TRAIN, MessageType.EVALUATE):  # not the scaler's query
+            config = message.content["config"]
+            self.sent.append(
+                (
+                    kind,
+                    int(config["server-round"]),
+                    bool(config.get(EVALUATE_RECEIVED_KEY, False)),
+                )
             )
-        )
         return super()._deliver(message)
 
     def exchanges(self) -> list[tuple[str, int, bool]]:
@@ -106,9 +110,23 @@ def _same_model(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
         assert torch.equal(a[name], b[name]), name
 
 
-def test_one_exchange_a_round_gives_the_same_history_and_model(tmp_path: Path) -> None:
-    two_phase, two_dir = _run(_config(tmp_path, "two-phase"), 7101)
-    fused, fused_dir = _run(_config(tmp_path, "on-receipt", **ON_RECEIPT), 7102)
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"use-case": "multi-strategy"},  # each instance's own head
+        {"use-case": "multi-strategy", "personalisation": "fine-tune"},
+        {"use-case": "risk"},
+        {"update-encoding": "int8", "scaler": "federated"},
+    ],
+    ids=["defaults", "local-head", "fine-tune", "risk", "int8-federated-scaler"],
+)
+def test_one_exchange_a_round_gives_the_same_history_and_model(
+    tmp_path: Path, options: dict
+) -> None:
+    # The on-receipt run leaves the key at its default, "auto": one exchange a round
+    two_phase, two_dir = _run(_config(tmp_path, "two-phase", **options, **TWO_PHASES), 7101)
+    fused, fused_dir = _run(_config(tmp_path, "on-receipt", **options), 7102)
 
     assert two_phase.exchanges() == [
         (kind, r, False) for r in (1, 2, 3) for kind in (MessageType.TRAIN, MessageType.EVALUATE)
@@ -135,7 +153,7 @@ def test_early_stopping_trains_one_round_more_and_keeps_the_same_best_round(
 ) -> None:
     # A step size this large makes the validation loss stop improving within a few rounds.
     stop = {"num-server-rounds": 8, "early-stopping-patience": 1, "learning-rate": 0.05}
-    _, two_dir = _run(_config(tmp_path, "two-phase", **stop), 7103)
+    _, two_dir = _run(_config(tmp_path, "two-phase", **stop, **TWO_PHASES), 7103)
     fused, fused_dir = _run(_config(tmp_path, "on-receipt", **stop, **ON_RECEIPT), 7104)
 
     two = json.loads((two_dir / "summary.json").read_text())
@@ -210,6 +228,33 @@ def test_refused_where_scores_would_be_lost(other: dict, why: str) -> None:
     ):
         Settings(evaluate_on_receipt=True, **other)
     Settings(evaluate_on_receipt=False, **other)  # fine without it
+
+
+@pytest.mark.parametrize(
+    "other",
+    [
+        {"fraction_train": 0.5},
+        {"fraction_evaluate": 0.5},
+        {"fraction_evaluate": 0.0},
+        {"early_stopping_patience": 2},
+        {"secure_aggregation": True, "max_weight_share": 1.0},
+        {"dp": "local", "dp_target_epsilon": 8.0},
+    ],
+)
+def test_auto_keeps_two_phases_where_one_exchange_would_change_the_run(other: dict) -> None:
+    assert Settings().evaluate_on_receipt is True
+    assert Settings(**other).evaluate_on_receipt is False
+    # What a run's outputs record is the choice, not "auto"
+    assert Settings(**other).to_run_config()["evaluate-on-receipt"] is False
+
+
+def test_evaluate_on_receipt_takes_true_false_or_auto() -> None:
+    assert Settings.from_run_config({"evaluate-on-receipt": "auto"}).evaluate_on_receipt is True
+    assert Settings.from_run_config({"evaluate-on-receipt": False}).evaluate_on_receipt is False
+    with pytest.raises(ConfigError, match="'evaluate-on-receipt' = 'yes': expected true, false"):
+        Settings.from_run_config({"evaluate-on-receipt": "yes"})
+    with pytest.raises(ConfigError, match="'evaluate-on-receipt' = 1: expected bool or str, got"):
+        Settings.from_run_config({"evaluate-on-receipt": 1})
 
 
 def test_simulation_run_has_one_phase_a_round(simulation: FlwrHome, tmp_path: Path) -> None:
