@@ -958,7 +958,8 @@ def _other_way_md(res: dict) -> list[str]:
         "### sigmax-fl with `evaluate-on-receipt` the other way, same runs",
         "",
         '`evaluate-on-receipt = "auto"` (the default) makes a round one exchange where that '
-        "changes no score and no model: `fraction-train` and `fraction-evaluate` both 1, as at "
+        "gives the same scores and model while every instance trains: `fraction-train` and "
+        "`fraction-evaluate` both 1, as at "
         "3 and 10 instances here. Each instance then scores the model it receives before "
         "training on it, so a round waits for one pass of Flower's engine instead of two. At "
         "100 instances `fraction-evaluate` is 0.1, so the default is two exchanges; with one, "

@@ -392,7 +392,11 @@ def _start(settings: Settings, context: Context) -> tuple[Path, ServerState]:
         # A key the checkpoint predates ran with that key's default.
         before = {**Settings().to_run_config(), **json.loads(payload["run_config"])}
         now = settings.to_run_config()
-        changed = sorted(k for k in now if k not in RESUME_MAY_CHANGE and before[k] != now[k])
+        # One exchange or two: the same run here (a checkpoint from before "auto" says false)
+        free = RESUME_MAY_CHANGE | (
+            {"evaluate-on-receipt"} if settings.one_exchange_equivalent() else set()
+        )
+        changed = sorted(k for k in now if k not in free and before[k] != now[k])
         if changed:
             raise ValueError(
                 f"resume-from {checkpoint}: run-config keys {changed} differ from the run "

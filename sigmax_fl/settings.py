@@ -78,7 +78,9 @@ class Settings:
     before training on it and sends the scores with its update, so a round is one exchange
     instead of two; the last model is scored by one closing evaluate phase. Each round's scores
     then come from the instances sampled to train, a round later. ``"auto"`` resolves to true
-    exactly where that gives the two-phase run's history and model (:meth:`_one_exchange`)."""
+    exactly where that gives the two-phase run's history and model whenever every sampled
+    instance's training succeeds (:meth:`one_exchange_equivalent`). It is resolved once, here:
+    ``dataclasses.replace`` of another key keeps the resolved value."""
     local_epochs: int = 5
     batch_size: int = 32
     learning_rate: float = 0.001
@@ -228,7 +230,7 @@ class Settings:
                 "'float32' with secure-aggregation = true (SecAgg+ quantises updates itself)",
             )
         if self.evaluate_on_receipt == "auto":
-            object.__setattr__(self, "evaluate_on_receipt", self._one_exchange())
+            object.__setattr__(self, "evaluate_on_receipt", self.one_exchange_equivalent())
         elif not isinstance(self.evaluate_on_receipt, bool):
             _bad("evaluate_on_receipt", self.evaluate_on_receipt, "true, false or 'auto'")
         elif self.evaluate_on_receipt:
@@ -264,13 +266,14 @@ class Settings:
             if getattr(self, name) not in allowed:
                 _bad(name, value, f"one of {list(allowed)} with use-case = '{self.use_case}'")
 
-    def _one_exchange(self) -> bool:
+    def one_exchange_equivalent(self) -> bool:
         """Whether scores can ride on the train replies without changing history or model.
 
         Every instance trains and is scored each round, so the scorers are the trainers; no
         early stopping, which would learn of a stale round a round late and train one more;
         and none of the refusals of :meth:`_check_evaluate_on_receipt`. What still differs is
-        time and bytes, and an instance whose training fails goes unscored that round.
+        time and bytes, and an instance whose training fails (or that is gone) goes unscored
+        that round, where an evaluate phase of its own might still have scored it.
         """
         return (
             self.fraction_train == 1.0

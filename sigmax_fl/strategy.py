@@ -42,6 +42,7 @@ from flwr.app import (
     MetricRecord,
     RecordDict,
 )
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
@@ -80,6 +81,9 @@ QUERY_TIMEOUT = 60.0
 """Longest wait, in seconds, for that answer (``round-timeout`` if shorter). A healthy node
 answers in seconds, also deployed (a 3 s poll and a fresh ClientApp process); a node that is
 down or busy with a late training must not hold the round for a whole ``round-timeout``."""
+GONE = (ErrorCode.NODE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE)
+"""Error codes the SuperLink writes for a node that is not there (heartbeat lapsed) or a reply
+that expired: the node did not answer, as opposed to its ClientApp failing."""
 ROLL_CALL_INTERVAL = 0.5
 """Seconds between the roll call's looks at the SuperLink (:meth:`WeightedFedAvg.roll_call`)."""
 
@@ -663,37 +667,37 @@ class WeightedFedAvg(FedAvg):
         until their heartbeats lapse (Flower: twice their 30 s interval). Counted toward
         ``min-available-nodes``, such ghosts could take a resumed run's first round alone
         while the restarted SuperNodes were still connecting: every reply an error, the round
-        skipped, and the run one round short of the unbroken one. A node is counted here once
-        it says which instance it serves (which also names it); each listed node is asked
-        once, newcomers as they appear, for at most ``wait-for-nodes-timeout``. In simulation
-        every listed node is live, and nothing is asked.
+        skipped, and the run one round short of the unbroken one. A node counts here once it
+        says which instance it serves (which also names it), or once its ClientApp answers
+        with an error of its own (it is connected: it trains, and fails, in round 1, as
+        before). Each listed node is asked once, newcomers as they appear, and a node the
+        SuperLink reports gone again if it is listed again (a SuperNode that keeps its key
+        comes back under its old id); all for at most ``wait-for-nodes-timeout``. Questions
+        still out when enough have answered are left: a partial sample asks a node it cannot
+        name once more. In simulation every listed node is live, and nothing is asked.
         """
         if not exchange.deployed(grid):
             return
         needed = max(self.min_available_nodes, self.min_train_nodes)
         deadline = time.monotonic() + self.wait_for_nodes_timeout
         asked: set[int] = set()
+        failed: set[int] = set()  # answered with their ClientApp's error
         waiting: dict[str, int] = {}  # question's message id -> node
-        next_line = time.monotonic()  # a log line a second while waiting
+        said, next_line = "", time.monotonic()
         while True:
             listed = set(grid.get_node_ids())
-            live = listed & set(self.node_names)
+            live = listed & (failed | set(self.node_names))
             if len(live) >= needed:
                 return
             if new := sorted(listed - asked - live):
-                questions = [self._query(node) for node in new]
-                pushed = set(grid.push_messages(questions))
-                waiting.update(
-                    (m.metadata.message_id, m.metadata.dst_node_id)
-                    for m in questions
-                    if m.metadata.message_id in pushed
-                )
+                waiting.update(self._ask(grid, new))
                 asked.update(new)
             for reply in grid.pull_messages(list(waiting)):
                 node = waiting.pop(reply.metadata.reply_to_message_id, None)
-                if node is not None and (name := given_instance_id(reply)):
-                    self.node_names[node] = name
-            if len(listed) < needed:
+                if node is not None:
+                    self._heard(node, reply, asked, failed)
+            short = len(listed) < needed
+            if short:
                 count, line = f"{len(listed)} SuperNode(s) connected", f"{len(listed)} connected"
             else:
                 count = line = f"{len(live)} of {len(listed)} connected SuperNode(s) answered"
@@ -702,10 +706,40 @@ class WeightedFedAvg(FedAvg):
                     f"{count}, {needed} needed (min-available-nodes / min-train-nodes) after "
                     f"waiting {self.wait_for_nodes_timeout:.0f} s (wait-for-nodes-timeout)"
                 )
-            if time.monotonic() >= next_line:
+            # A line a second while too few are connected; while they answer, one per change
+            if (short and time.monotonic() >= next_line) or (not short and line != said):
                 log.info("waiting for SuperNodes: %s, %d needed", line, needed)
-                next_line = time.monotonic() + 1.0
+                said, next_line = line, time.monotonic() + 1.0
             time.sleep(ROLL_CALL_INTERVAL)
+
+    def _ask(self, grid: Grid, nodes: list[int]) -> dict[str, int]:
+        """Push the instance question to ``nodes``: the pushed questions' ids -> their nodes."""
+        questions = [self._query(node) for node in nodes]
+        pushed = set(grid.push_messages(questions))
+        return {
+            m.metadata.message_id: m.metadata.dst_node_id
+            for m in questions
+            if m.metadata.message_id in pushed
+        }
+
+    def _heard(self, node: int, reply: Message, asked: set[int], failed: set[int]) -> None:
+        """Book one roll-call reply: a name, a node gone, or a ClientApp's own error.
+
+        A node gone is asked again if it is listed again; one whose ClientApp failed is
+        connected all the same.
+        """
+        if name := given_instance_id(reply):
+            self.node_names[node] = name
+        elif reply.has_error() and reply.error.code in GONE:
+            asked.discard(node)
+        else:
+            failed.add(node)
+            log.warning(
+                "SuperNode %d answered which instance it serves with an error (%s): counted "
+                "as connected",
+                node,
+                reply.error.reason if reply.has_error() else "no instance-id",
+            )
 
     def _name(self, grid: Grid, nodes: list[int]) -> None:
         """Ask ``nodes`` which instance each serves; one exchange, before the sample is drawn."""

@@ -191,6 +191,25 @@ def test_a_resumed_run_first_scores_the_checkpoint_model(tmp_path: Path) -> None
     _same_model(_model(resumed_dir), _model(unbroken_dir))
 
 
+def test_a_two_phase_checkpoint_resumes_under_auto_to_the_same_run(tmp_path: Path) -> None:
+    # A checkpoint written in two phases (as every run was before "auto"), resumed with the
+    # default, which now resolves to one exchange: the same run, not a refused key
+    _, unbroken_dir = _run(_config(tmp_path, "unbroken", **TWO_PHASES), 7110)
+    config = _config(tmp_path, "resumed")
+    _run({**config, **TWO_PHASES, "num-server-rounds": 2}, 7111)
+    resumed, resumed_dir = _run({**config, "resume-from": "latest"}, 7112)
+
+    assert resumed.exchanges() == [(MessageType.TRAIN, 3, False), (MessageType.EVALUATE, 3, False)]
+    assert _history(resumed_dir) == _history(unbroken_dir)
+    _same_model(_model(resumed_dir), _model(unbroken_dir))
+
+    # Where one exchange would change the run, switching is refused as any other key
+    half = _config(tmp_path, "half", **TWO_PHASES, **{"fraction-evaluate": 0.5})
+    _run({**half, "num-server-rounds": 2}, 7113)
+    with pytest.raises(ValueError, match=r"keys \['evaluate-on-receipt'\] differ"):
+        _run({**half, **ON_RECEIPT, "resume-from": "latest"}, 7114)
+
+
 def test_an_instance_whose_training_fails_is_named_and_not_scored_that_round(
     tmp_path: Path,
 ) -> None:

@@ -22,7 +22,8 @@ NODES = {
 }
 RUN_CONFIG = {"num-server-rounds": 3, "local-epochs": 1, "min-available-nodes": 2}
 GHOSTS_ALONE = 5.0
-"""Seconds the resumed run has only the lost SuperNodes listed before the new ones start."""
+"""Seconds the resumed run's ServerApp has only the lost SuperNodes listed before the new ones
+start (it loads the checkpoint and reaches its roll call well within them)."""
 
 
 def start_nodes(supervisor: Supervisor, home: FlwrHome, address: str, tag: str) -> None:
@@ -80,6 +81,10 @@ def test_killed_superlink_resumes_to_the_same_model(tmp_path: Path) -> None:
         resumed_run = home.flwr_run(
             ROOT, "broken", run_config={**config, "resume-from": str(outputs / "broken")}
         )
+        deadline = time.monotonic() + 120
+        while not home.run_status(resumed_run, "broken").startswith(("running", "finished")):
+            assert time.monotonic() < deadline, "the resumed run never started"
+            time.sleep(0.5)
         time.sleep(GHOSTS_ALONE)
         start_nodes(supervisor, home, link.address, "second")
         assert home.wait_for_run(resumed_run, "broken", timeout=300) == FINISHED_OK
