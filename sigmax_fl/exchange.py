@@ -56,6 +56,20 @@ def deployed(grid: Grid) -> bool:
     return type(grid).__module__.startswith("flwr.") and not isinstance(grid, InMemoryGrid)
 
 
+def push(grid: Grid, messages: list[Message]) -> dict[str, int]:
+    """Push ``messages``: the ids of those the grid took -> their destination nodes.
+
+    Both of Flower's grids set each message's id before they store it, so a message whose id
+    is missing here was refused.
+    """
+    taken = {i for i in grid.push_messages(messages) if i}
+    return {
+        m.metadata.message_id: m.metadata.dst_node_id
+        for m in messages
+        if m.metadata.message_id in taken
+    }
+
+
 def from_destination(reply: Message, destinations: dict[str, int]) -> Message:
     """``reply``, booked to its message's destination node if the SuperLink wrote it.
 
@@ -141,11 +155,10 @@ def send_and_receive(
     while queued or pending:
         if queued and len(pending) < limit:
             batch = [queued.popleft() for _ in range(min(limit - len(pending), len(queued)))]
-            pushed = {i for i in grid.push_messages(batch) if i}
-            pending |= pushed
-            destinations.update((m.metadata.message_id, m.metadata.dst_node_id) for m in batch)
-            # Both of Flower's grids set each message's id before they store it
-            replies.refused += [m for m in batch if m.metadata.message_id not in pushed]
+            sent = push(grid, batch)
+            pending |= sent.keys()
+            destinations.update(sent)
+            replies.refused += [m for m in batch if m.metadata.message_id not in sent]
             if not pending:
                 continue
         started = time.monotonic()

@@ -690,7 +690,7 @@ class WeightedFedAvg(FedAvg):
             if len(live) >= needed:
                 return
             if new := sorted(listed - asked - live):
-                waiting.update(self._ask(grid, new))
+                waiting.update(exchange.push(grid, [self._query(node) for node in new]))
                 asked.update(new)
             for reply in grid.pull_messages(list(waiting)):
                 node = waiting.pop(reply.metadata.reply_to_message_id, None)
@@ -711,16 +711,6 @@ class WeightedFedAvg(FedAvg):
                 log.info("waiting for SuperNodes: %s, %d needed", line, needed)
                 said, next_line = line, time.monotonic() + 1.0
             time.sleep(ROLL_CALL_INTERVAL)
-
-    def _ask(self, grid: Grid, nodes: list[int]) -> dict[str, int]:
-        """Push the instance question to ``nodes``: the pushed questions' ids -> their nodes."""
-        questions = [self._query(node) for node in nodes]
-        pushed = set(grid.push_messages(questions))
-        return {
-            m.metadata.message_id: m.metadata.dst_node_id
-            for m in questions
-            if m.metadata.message_id in pushed
-        }
 
     def _heard(self, node: int, reply: Message, asked: set[int], failed: set[int]) -> None:
         """Book one roll-call reply: a name, a node gone, or a ClientApp's own error.
