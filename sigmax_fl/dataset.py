@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from sigmax_fl.data import DataError, DataSource, load_ohlcv, source_digest
-from sigmax_fl.data.formats import split_asset
+from sigmax_fl.data import DataError, DataSource, source_digest
+from sigmax_fl.data.sources import split_asset
 from sigmax_fl.features import FEATURE_VERSION, Calendar, Scaler, make_features
 
 if TYPE_CHECKING:
@@ -128,6 +128,8 @@ class InstanceData:
 
 def build(source: DataSource, recipe: Recipe) -> InstanceData:
     """Load, featurise, split on the shared calendar, and scale on training rows alone."""
+    from sigmax_fl.data.formats import load_ohlcv  # pandas: only where features are built
+
     bars = load_ohlcv(source.path, policy=recipe.data_policy)
     X, y = make_features(bars, recipe.horizon, max_gap=recipe.max_gap, target=recipe.target)
     calendar = Calendar.from_strings(recipe.train_end, recipe.val_end, embargo=recipe.horizon)

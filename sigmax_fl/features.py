@@ -6,18 +6,25 @@ run over the bars that exist, and missing bars are never filled in. The target
 t + 1 .. t + horizon; a row whose target spans a gap longer
 than ``max_gap`` is dropped (an exchange outage would otherwise look like a huge one-bar move),
 and the count is reported.
+
+pandas is imported where features are computed, not with this module: an instance whose
+features are cached reads only the names, the version and its :class:`Scaler` here, in every
+ClientApp process (:mod:`sigmax_fl.dates` says what that import costs).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 
 from sigmax_fl.data import DataError
 from sigmax_fl.settings import parse_duration
 from sigmax_fl.targets import make_target
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 FEATURE_VERSION = 2
 """Bumped whenever a feature's definition changes, so instance caches are rebuilt.
@@ -84,6 +91,8 @@ def _seeded_ewm(series: pd.Series, n: int, alpha: float) -> pd.Series:
     The standard seed (Wilder; TA-Lib): starting from the first value alone, as pandas does,
     would give that one bar the weight of a whole window for dozens of bars.
     """
+    import pandas as pd
+
     values = series.to_numpy(dtype="float64", copy=True)
     valid = np.flatnonzero(~np.isnan(values))
     if len(valid) < n:
@@ -115,6 +124,8 @@ def _rsi(close: pd.Series, n: int) -> pd.Series:
 
 def compute_features(bars: pd.DataFrame) -> pd.DataFrame:
     """All 50 features for every bar (NaN during warm-up), in :data:`FEATURE_NAMES` order."""
+    import pandas as pd
+
     o, h, lo, c, v = (bars[k].astype("float64") for k in ("open", "high", "low", "close", "volume"))
     log_c = np.log(c)
     r1 = log_c.diff()
@@ -181,6 +192,8 @@ def compute_features(bars: pd.DataFrame) -> pd.DataFrame:
 
 def target_spans_gap(index: pd.DatetimeIndex, horizon: int, max_gap: pd.Timedelta) -> np.ndarray:
     """True where the bars t..t+horizon contain a step longer than ``max_gap``."""
+    import pandas as pd
+
     steps = pd.Series(index).diff().shift(-1)  # step from bar i to bar i+1
     too_long = (steps > max_gap).to_numpy()
     spans = np.zeros(len(index), dtype=bool)
@@ -219,6 +232,8 @@ def make_features(
     y : pandas.Series
         float64 target over the next ``horizon`` bars, same index.
     """
+    import pandas as pd
+
     source = bars.attrs.get("source", "bars")
     if horizon < 1:
         raise DataError(
@@ -258,6 +273,8 @@ class Calendar:
 
     @classmethod
     def from_strings(cls, train_end: str, val_end: str, embargo: int) -> Calendar:
+        import pandas as pd
+
         t, v = pd.Timestamp(train_end, tz="UTC"), pd.Timestamp(val_end, tz="UTC")
         if not t < v:
             raise ValueError(f"train-end ({train_end}) must come before val-end ({val_end})")

@@ -7,15 +7,16 @@ pyproject.toml or ``--run-config`` is an error naming the key, not a silent defa
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
-
+from sigmax_fl.dates import duration_parts, parse_date
 from sigmax_fl.strategy import QUERY_TIMEOUT, Defences, WeightedFedAvg
 from sigmax_fl.targets import TARGETS, VALIDATION_METRICS
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 OPTIMIZERS = ("adam", "sgd")
 STOPPING_METRICS = {
@@ -48,15 +49,12 @@ _USE_CASE_ALLOWS = {
 """Explicit values a use case accepts: a preset never silently overrides an explicit key."""
 
 
-_UNITS = {"d": "days", "h": "hours", "min": "minutes", "m": "minutes", "s": "seconds"}
-
-
 def parse_duration(text: str) -> pd.Timedelta:
     """``"3d"``, ``"12h"``, ``"90min"``, ``"30s"`` -> Timedelta; anything else is an error."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(d|h|min|m|s)\s*", str(text))
-    if not match or float(match[1]) <= 0:
-        raise ValueError(f"not a positive duration: {text!r} (use e.g. '3d', '12h', '90min')")
-    return pd.Timedelta(**{_UNITS[match[2]]: float(match[1])})
+    import pandas as pd
+
+    amount, unit = duration_parts(text)
+    return pd.Timedelta(**{unit: amount})
 
 
 class ConfigError(ValueError):
@@ -166,15 +164,15 @@ class Settings:
         if self.data_policy not in DATA_POLICIES:
             _bad("data_policy", self.data_policy, f"one of {list(DATA_POLICIES)}")
         try:
-            parse_duration(self.max_gap)
+            duration_parts(self.max_gap)
         except ValueError:
             _bad("max_gap", self.max_gap, "a positive duration such as '3d', '12h' or '90min'")
         for name in ("train_end", "val_end"):
             try:
-                pd.Timestamp(getattr(self, name))
+                parse_date(getattr(self, name))
             except ValueError:
                 _bad(name, getattr(self, name), "a date such as '2018-09-30'")
-        if pd.Timestamp(self.train_end) >= pd.Timestamp(self.val_end):
+        if parse_date(self.train_end) >= parse_date(self.val_end):
             _bad("val_end", self.val_end, f"a date after train-end ({self.train_end})")
         for name in ("keep_checkpoints", "early_stopping_patience", "min_train_replies"):
             if getattr(self, name) < 0:

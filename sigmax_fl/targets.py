@@ -14,9 +14,13 @@ at t (bars up to and including t) is never part of the target it is paired with.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import pandas as pd
 from numpy.lib.stride_tricks import sliding_window_view
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 TARGETS = ("return", "volatility")
 VALIDATION_METRICS = {"return": ("hit_rate", "ic", "rank_ic"), "volatility": ("qlike", "vol_corr")}
@@ -51,6 +55,8 @@ def _log_rms(returns: np.ndarray, horizon: int) -> np.ndarray:
 
 def realised_volatility(bars: pd.DataFrame, horizon: int) -> pd.Series:
     """Log realised volatility of ``r_{t+1} .. r_{t+horizon}``, at t (NaN: last bars, flat)."""
+    import pandas as pd  # here: settings import this module on every ClientApp message
+
     trailing = _log_rms(log_returns(bars).to_numpy(), horizon)
     # The window ending at t + h belongs to row t.
     ahead = np.full(len(trailing), np.nan)
@@ -60,6 +66,8 @@ def realised_volatility(bars: pd.DataFrame, horizon: int) -> pd.Series:
 
 def trailing_volatility(bars: pd.DataFrame, horizon: int) -> pd.Series:
     """Log realised volatility of ``r_{t-horizon+1} .. r_t``: known at t (the naive forecast)."""
+    import pandas as pd
+
     trailing = _log_rms(log_returns(bars).to_numpy(), horizon)
     return pd.Series(trailing, index=bars.index, name=f"log_volatility_last_{horizon}")
 

@@ -40,6 +40,7 @@ import pandas as pd
 from sigmax_fl.data import exchanges, synthetic
 from sigmax_fl.data.errors import DataError
 from sigmax_fl.data.parsing import OHLCV, raw_bars, read_head
+from sigmax_fl.data.sources import split_asset
 from sigmax_fl.data.validate import validate_bars
 
 Reader = Callable[[Path, str | None], pd.DataFrame]
@@ -260,15 +261,6 @@ def detect_format(path: Path) -> str:
     if text.lstrip()[0] in "[{":
         return _detect_json(path, text.lstrip())
     return _detect_csv(path, text.splitlines())
-
-
-def split_asset(spec: str | Path) -> tuple[Path, str | None]:
-    """``data/file.csv#ETH`` -> (path, "ETH"): the asset selector of wide files."""
-    text = str(spec)
-    if "#" in text:
-        path, asset = text.rsplit("#", 1)
-        return Path(path), asset or None
-    return Path(text), None
 
 
 def load_ohlcv(

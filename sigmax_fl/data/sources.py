@@ -20,7 +20,6 @@ from pathlib import Path
 
 from sigmax_fl.data import synthetic
 from sigmax_fl.data.errors import DataError
-from sigmax_fl.data.formats import split_asset
 from sigmax_fl.paths import project_root
 
 DATA_DIR_ENV = "SIGMAX_FL_DATA_DIR"
@@ -243,6 +242,15 @@ def _named(source: DataSource, node_config: dict) -> DataSource:
     if source.venue == synthetic.VENUE:
         instance_id = synthetic_label(instance_id)
     return DataSource(instance_id, source.path, source.venue)
+
+
+def split_asset(spec: str | Path) -> tuple[Path, str | None]:
+    """``data/file.csv#ETH`` -> (path, "ETH"): the asset selector of wide files."""
+    text = str(spec)
+    if "#" in text:
+        path, asset = text.rsplit("#", 1)
+        return Path(path), asset or None
+    return Path(text), None
 
 
 def source_digest(path: str) -> str:

@@ -67,13 +67,15 @@ import math
 import re
 from dataclasses import asdict, dataclass
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 
 from sigmax_fl.data.errors import DataError
-from sigmax_fl.data.parsing import OHLCV
-from sigmax_fl.data.validate import validate_bars
+from sigmax_fl.dates import parse_date
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 PREFIX = "synthetic"
 VENUE = "synthetic"
@@ -129,6 +131,8 @@ class SyntheticSpec:
 
     def index(self) -> pd.DatetimeIndex:
         """Bar open times from ``start`` to the end of day ``end``, in UTC."""
+        import pandas as pd
+
         last = pd.Timestamp(self.end, tz="UTC") + pd.Timedelta(days=1)
         return pd.date_range(
             pd.Timestamp(self.start, tz="UTC"),
@@ -170,7 +174,7 @@ def _option(key: str, value: str, text: str) -> object:
             if value not in PRESETS:
                 raise ValueError
             return value
-        return str(pd.Timestamp(value).date())  # start, end
+        return parse_date(value).date().isoformat()  # start, end
     except ValueError:
         expected = {
             "seed": "an integer >= 0",
@@ -218,7 +222,7 @@ def parse_spec(text: str) -> tuple[SyntheticSpec, range]:
             _FIELD, f"'{text}': give either a count N or instance=K, not both", field=_FIELD
         )
     spec = SyntheticSpec(**options)  # type: ignore[arg-type]
-    if pd.Timestamp(spec.start) > pd.Timestamp(spec.end):
+    if parse_date(spec.start) > parse_date(spec.end):
         raise DataError(_FIELD, f"'{text}': start is after end", field=_FIELD)
     return spec, range(count) if count is not None else range(instance, instance + 1)
 
@@ -339,6 +343,8 @@ class VenueParams:
 
 def _bar_step(bar: str) -> pd.Timedelta:
     """``"1d"`` / ``"1h"`` as a Timedelta, without pandas' deprecated lower-case day alias."""
+    import pandas as pd
+
     unit = {"d": "days", "h": "hours"}[bar[-1]]
     return pd.Timedelta(**{unit: int(bar[:-1])})
 
@@ -347,6 +353,8 @@ _FEE_TIERS_BPS = (10.0, 15.0, 20.0, 25.0, 40.0, 50.0, 60.0)
 
 
 def _venue_params(rng: np.random.Generator, bar: str) -> VenueParams:
+    import pandas as pd
+
     fee = float(rng.choice(_FEE_TIERS_BPS))
     bars_per_day = pd.Timedelta(days=1) / _bar_step(bar)
     return VenueParams(
@@ -360,6 +368,8 @@ def _venue_params(rng: np.random.Generator, bar: str) -> VenueParams:
 
 def _outages(rng: np.random.Generator, index: pd.DatetimeIndex, rate: float) -> np.ndarray:
     """Bars whose open time falls in an outage: hours to days long (log-normal)."""
+    import pandas as pd
+
     span = (index[-1] - index[0]) / pd.Timedelta(days=365.25)
     missing = np.zeros(len(index), dtype=bool)
     stamps = index.asi8
@@ -392,6 +402,10 @@ class SyntheticVenue:
 
 def generate(spec: SyntheticSpec, instance: int) -> SyntheticVenue:
     """Generate venue ``instance`` of ``spec``, deterministically from (seed, instance)."""
+    import pandas as pd
+
+    from sigmax_fl.data.parsing import OHLCV
+
     path = latent(spec)
     rng = np.random.default_rng([spec.seed, 1, instance])
     params = _venue_params(rng, spec.bar)
@@ -432,6 +446,8 @@ def load(path: str, policy: str = "strict") -> pd.DataFrame:
     The bars go through :func:`sigmax_fl.data.validate.validate_bars` like a file's, so
     gaps and flat bars are reported the same way; ``attrs["synthetic"]`` says what it is.
     """
+    from sigmax_fl.data.validate import validate_bars
+
     spec, instances = parse_spec(path)
     if len(instances) != 1:
         raise DataError(
