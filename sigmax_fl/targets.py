@@ -55,7 +55,7 @@ def _log_rms(returns: np.ndarray, horizon: int) -> np.ndarray:
 
 def realised_volatility(bars: pd.DataFrame, horizon: int) -> pd.Series:
     """Log realised volatility of ``r_{t+1} .. r_{t+horizon}``, at t (NaN: last bars, flat)."""
-    import pandas as pd  # here: settings import this module on every ClientApp message
+    import pandas as pd  # here, not at the top: settings.py imports this module in every ClientApp
 
     trailing = _log_rms(log_returns(bars).to_numpy(), horizon)
     # The window ending at t + h belongs to row t.
