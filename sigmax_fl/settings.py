@@ -167,12 +167,13 @@ class Settings:
             duration_parts(self.max_gap)
         except ValueError:
             _bad("max_gap", self.max_gap, "a positive duration such as '3d', '12h' or '90min'")
+        dates = {}
         for name in ("train_end", "val_end"):
             try:
-                parse_date(getattr(self, name))
+                dates[name] = parse_date(getattr(self, name))
             except ValueError:
                 _bad(name, getattr(self, name), "a date such as '2018-09-30'")
-        if parse_date(self.train_end) >= parse_date(self.val_end):
+        if dates["train_end"] >= dates["val_end"]:
             _bad("val_end", self.val_end, f"a date after train-end ({self.train_end})")
         for name in ("keep_checkpoints", "early_stopping_patience", "min_train_replies"):
             if getattr(self, name) < 0:
