@@ -3,7 +3,8 @@
 ``flwr run .`` alone leaves a detached SuperLink behind, installs the app's dependencies per run
 and exits 0 when the run failed. This runner starts its own simulation SuperLink (private
 ``FLWR_HOME``, a free port, its own database, dependency installation off), submits the app with
-one simulated SuperNode per data source and one 1-CPU Ray actor per core, streams the log,
+one simulated SuperNode per data source and one 1-CPU Ray actor per core, Ray's start-up
+trimmed (``flwr_cli.SIMULATION_RAY_ENV``), streams the log,
 requires ``finished:completed``, and stops everything it started, also on Ctrl-C.
 """
 
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from sigmax_fl.data import DataError, parse_sources
 from sigmax_fl.deploy.flwr_cli import (
+    SIMULATION_RAY_ENV,
     FlwrError,
     FlwrHome,
     simulation_federation_config,
@@ -69,7 +71,13 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         try:
             with Supervisor(work / "logs") as supervisor, FlwrHome(work / "flwr-home") as home:
-                link = start_superlink(supervisor, home, work / "state.db", simulation=True)
+                link = start_superlink(
+                    supervisor,
+                    home,
+                    work / "state.db",
+                    simulation=True,
+                    extra_env=SIMULATION_RAY_ENV,
+                )
                 home.add_connection("local-sim", link.address)
                 home.run_app(
                     args.app,

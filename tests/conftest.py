@@ -14,7 +14,12 @@ from sigmax_fl import cli, compare, runs
 from sigmax_fl.attacks import LoopbackGrid, run_server_app, simulated_nodes
 from sigmax_fl.data import parse_sources
 from sigmax_fl.dataset import Recipe
-from sigmax_fl.deploy.flwr_cli import FINISHED_OK, FlwrHome, start_superlink
+from sigmax_fl.deploy.flwr_cli import (
+    FINISHED_OK,
+    SIMULATION_RAY_ENV,
+    FlwrHome,
+    start_superlink,
+)
 from sigmax_fl.deploy.processes import Supervisor
 from sigmax_fl.settings import Settings
 
@@ -47,7 +52,9 @@ def simulation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FlwrHome]:
     root = tmp_path_factory.mktemp("simulation")
     supervisor = Supervisor(root / "logs")
     with supervisor, FlwrHome(root / "flwr-home") as home:
-        link = start_superlink(supervisor, home, root / "state.db", simulation=True)
+        link = start_superlink(
+            supervisor, home, root / "state.db", simulation=True, extra_env=SIMULATION_RAY_ENV
+        )
         home.add_connection("sim", link.address)
         yield home
     assert supervisor.remaining() == [], "processes left behind"

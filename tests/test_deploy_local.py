@@ -26,6 +26,7 @@ from sigmax_fl.deploy import flwr_cli
 from sigmax_fl.deploy.credentials import ensure_credentials, write_node_key
 from sigmax_fl.deploy.flwr_cli import (
     FINISHED_OK,
+    SIMULATION_RAY_ENV,
     SUPERNODE_CONNECTED,
     FlwrError,
     FlwrHome,
@@ -350,8 +351,10 @@ def test_superlink_port_collision_is_reported_or_retried(
 def test_simulation_run_completes_and_stop_reaches_ray(
     tmp_path: Path, supervisor: Supervisor, home: FlwrHome, tiny_app: Path
 ) -> None:
-    # Prepare
-    link = start_superlink(supervisor, home, tmp_path / "sim.db", simulation=True)
+    # Prepare: the runner's Ray environment (`make run`), which must reach Ray's raylet
+    link = start_superlink(
+        supervisor, home, tmp_path / "sim.db", simulation=True, extra_env=SIMULATION_RAY_ENV
+    )
     home.add_connection("sim", link.address)
     result = tmp_path / "result.json"
 
@@ -382,6 +385,14 @@ def test_simulation_run_completes_and_stop_reaches_ray(
     # Ray lives in the SuperExec's own session, outside the SuperLink's group
     ray_pids = [pid for pid in link.process.remaining() if "raylet" in _cmdline(pid)]
     assert all(p not in _group_members(link.process.pid) for p in ray_pids)
+    # Ray's raylet (which starts the workers) got the runner's settings through Flower's chain
+    for pid in ray_pids:
+        assert SIMULATION_RAY_ENV.items() <= _environ(pid).items(), f"raylet {pid}"
+
+
+def _environ(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(item.decode().split("=", 1) for item in raw if b"=" in item)
 
 
 def _group_members(pgid: int) -> set[int]:
