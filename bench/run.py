@@ -145,6 +145,56 @@ def data_load(reps: int = 5) -> dict:
     return out
 
 
+def round_files(
+    instances: int = 100, at_rounds: tuple[int, ...] = (1, 1000), reps: int = 5
+) -> dict:
+    """What the server writes after each round, early and late in a long run.
+
+    The round's history line (appended, fsynced, chained into the history's digest) and its
+    checkpoint (``ServerState.to_checkpoint`` then ``runs.write_checkpoint``), for a run of
+    ``instances`` instances whose history already holds ``r`` rounds, each round's record the
+    size of a real one (about 0.5 KB per instance). Median of ``reps``.
+    """
+    from sigmax_fl import runs
+    from sigmax_fl.server_app import ServerState
+
+    def record(server_round: int) -> dict:
+        scores = {k: 0.1 for k in ("val_loss", "hit_rate", "ic", "rank_ic", "sharpe", "mse")}
+        per_instance = {
+            "node_id": 1234567890,
+            "train": {"accepted": True, "train_loss": 0.1, "num-examples": 941, "bytes": 60230,
+                      "update_norm": 0.05, "weight": 0.01, "seconds": 0.01},
+            "evaluate": {"accepted": True, "num-examples": 200, **scores},
+        }  # fmt: skip
+        return {
+            "round": server_round,
+            "seconds": 1.0,
+            "instances": {f"synthetic-{i:04d}": per_instance for i in range(instances)},
+            "train": {"replies-ok": instances, "bytes-received": 60230 * instances},
+            "evaluate": scores,
+        }
+
+    model = {k: np.zeros(v, dtype=np.float32) for k, v in (("w1", 6400), ("w2", 8192))}
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        run_dir = Path(tmp)
+        for done in at_rounds:
+            history = tuple(record(r) for r in range(1, done))
+            times = []
+            for _ in range(reps):
+                start = time.perf_counter()
+                digest = runs.chain_digest("", runs.append_history(run_dir, record(done)))
+                state = ServerState(round=done, arrays=model, history=(*history, record(done)),
+                                    history_digest=digest)  # fmt: skip
+                runs.write_checkpoint(run_dir, done, state.to_checkpoint({}), keep=1)
+                times.append(time.perf_counter() - start)
+            size = (run_dir / runs.CHECKPOINTS / f"round-{done:05d}.pt").stat().st_size
+            rows.append({"round": done, "seconds": med(times), "checkpoint_bytes": size})
+    line = len(json.dumps(record(1)))
+    print(f"[bench] round files ({instances} instances, {line:,} B a round): {rows}", flush=True)
+    return {"instances": instances, "history_line_bytes": line, "reps": reps, "rows": rows}
+
+
 # --------------------------------------------------------------------------- memory sampler
 
 
@@ -830,6 +880,8 @@ def markdown(res: dict) -> str:
         lines += _aggregation_md(res)
     if "data" in res:
         lines += _data_md(res["data"])
+    if "round_files" in res:
+        lines += _round_files_md(res["round_files"])
     lines += _simulation_md(res)
     return "\n".join(lines) + "\n"
 
@@ -901,6 +953,25 @@ def _data_md(d: dict) -> list[str]:
         "|---|---|---|---|---|---|",
         f"| {d['file']} | {d['bars']:,} | {d['feature_rows']:,} | {_fmt(d['load_s'])} | "
         f"{_fmt(d['featurise_s'])} | {_fmt(d['total_s'])} |",
+    ]
+
+
+def _round_files_md(f: dict) -> list[str]:
+    return [
+        "",
+        "## The server's files after each round",
+        "",
+        f"{f['instances']} instances, a history line of {f['history_line_bytes']:,} bytes a "
+        "round: the line appended to `history.jsonl` (fsynced, chained into the history's "
+        "digest) and the round's checkpoint, which names the history's lines by number and "
+        f"digest instead of holding them (median of {f['reps']}).",
+        "",
+        "| after round | seconds | checkpoint bytes |",
+        "|---|---|---|",
+        *(
+            f"| {r['round']:,} | {_fmt(r['seconds'])} | {r['checkpoint_bytes']:,} |"
+            for r in f["rows"]
+        ),
     ]
 
 
@@ -1162,6 +1233,7 @@ def main(argv: list[str] | None = None) -> int:
         gc.collect()
     if "data" in parts:
         res["data"] = data_load()
+        res["round_files"] = round_files()
 
     with tempfile.TemporaryDirectory(prefix="sigmax-fl-bench-") as tmp:
         work = Path(tmp)

@@ -7,6 +7,7 @@ the checkout's ``outputs/`` (see :mod:`sigmax_fl.paths`).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -92,9 +93,23 @@ def write_json(path: Path, payload: Any) -> None:
     write_text(path, json.dumps(payload, indent=1, default=str))
 
 
-def append_history(run_dir: Path, record: dict[str, Any]) -> None:
-    """One JSON line per round, flushed as it happens: a crash keeps every finished round."""
-    append_jsonl(run_dir / HISTORY_JSONL, [record])
+def append_history(run_dir: Path, record: dict[str, Any]) -> str:
+    """One JSON line per round, flushed as it happens: a crash keeps every finished round.
+
+    Returns the line written (without its newline), for :func:`chain_digest`.
+    """
+    return _append_lines(run_dir / HISTORY_JSONL, [json.dumps(record, default=str)])[0]
+
+
+def chain_digest(digest: str, line: str) -> str:
+    """The digest of a history after one more line: sha256 of the previous digest and it.
+
+    A checkpoint names the history it was written after by its number of lines and this
+    digest (``""`` for none), which costs one line's hash a round, where holding the history
+    itself made every checkpoint grow with the run: 1.35 s a round at round 1,000 of 100
+    instances.
+    """
+    return hashlib.sha256(f"{digest}\n{line}".encode()).hexdigest()
 
 
 def read_history(run_dir: Path) -> list[dict[str, Any]]:
@@ -112,16 +127,25 @@ def save_model(run_dir: Path, state_dict: dict[str, torch.Tensor], name: str = F
 
 CHECKPOINTS = "checkpoints"
 AUDIT_JSONL = "audit.jsonl"
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2
+"""2: the run's rounds stay in ``history.jsonl``, and a checkpoint holds how many of its lines
+are the run's (``history_rounds``) and their :func:`chain_digest` (``history_digest``).
+1: a checkpoint held the whole history; still read."""
+READABLE_FORMATS = (1, 2)
 
 
 def append_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
     """Append lines and fsync: what a crash leaves is every line written before it."""
+    _append_lines(path, [json.dumps(record, default=str) for record in records])
+
+
+def _append_lines(path: Path, lines: list[str]) -> list[str]:
     with path.open("a") as handle:
-        for record in records:
-            handle.write(json.dumps(record, default=str) + "\n")
+        for line in lines:
+            handle.write(line + "\n")
         handle.flush()
         os.fsync(handle.fileno())
+    return lines
 
 
 def write_checkpoint(run_dir: Path, server_round: int, payload: dict[str, Any], keep: int) -> Path:
@@ -171,15 +195,59 @@ def find_checkpoint(resume_from: str, outputs_dir: str, run_name: str) -> Path:
 def read_checkpoint(path: Path) -> dict[str, Any]:
     """Load a checkpoint with torch's safe loader (tensors and plain containers only)."""
     payload = torch.load(path, weights_only=True)
-    if payload.get("format") != CHECKPOINT_FORMAT:
+    if payload.get("format") not in READABLE_FORMATS:
         raise ValueError(
-            f"{path}: checkpoint format {payload.get('format')}, expected {CHECKPOINT_FORMAT}"
+            f"{path}: checkpoint format {payload.get('format')}, expected one of "
+            f"{list(READABLE_FORMATS)}"
         )
     return payload
 
 
-def rewrite_history(run_dir: Path, history: list[dict[str, Any]]) -> None:
-    """Make history.jsonl exactly the checkpoint's history (drops rounds a crash left after it)."""
+def checkpointed_history(checkpoint: Path, payload: dict[str, Any]) -> list[dict[str, Any]]:
+    """The rounds a checkpoint was written after.
+
+    Format 2 names the first ``history_rounds`` lines of its run's ``history.jsonl``: they are
+    read there and must have its digest (:func:`chain_digest`). Lines after them are rounds a
+    crash left between writing history and checkpoint, which the resumed run will redo. A
+    missing, shortened or edited file is refused with what was found: the run's model state is
+    in the checkpoint, but its history would be lost or wrong. Format 1 holds the rounds.
+    """
+    if payload["format"] == 1:
+        return json.loads(payload["history"])
+    path = checkpoint.parent.parent / HISTORY_JSONL
+    wanted = int(payload["history_rounds"])
+    found = path.read_text().split("\n") if path.is_file() else []
+    lines = found[:wanted]
+    if len(lines) < wanted or not all(lines):
+        have = f"{sum(1 for x in found if x)} line(s)" if path.is_file() else "no such file"
+        raise ValueError(
+            f"resume-from {checkpoint}: {path} must hold the {wanted} round(s) the checkpoint "
+            f"was written after ({have}); restore that file, or resume from an earlier checkpoint"
+        )
+    if _digest(lines) != payload["history_digest"]:
+        raise ValueError(
+            f"resume-from {checkpoint}: the first {wanted} line(s) of {path} are not the rounds "
+            "the checkpoint was written after (the file was edited or replaced); restore it, or "
+            "resume from an earlier checkpoint"
+        )
+    return [json.loads(line) for line in lines]
+
+
+def _digest(lines: list[str]) -> str:
+    digest = ""
+    for line in lines:
+        digest = chain_digest(digest, line)
+    return digest
+
+
+def rewrite_history(run_dir: Path, history: list[dict[str, Any]]) -> str:
+    """Make history.jsonl exactly the checkpoint's history (drops rounds a crash left after it).
+
+    Returns the digest (:func:`chain_digest`) of the lines written, which the resumed run's
+    checkpoints continue.
+    """
+    lines = [json.dumps(r, default=str) for r in history]
     tmp = run_dir / f".{HISTORY_JSONL}.tmp"
-    tmp.write_text("".join(json.dumps(r, default=str) + "\n" for r in history))
+    tmp.write_text("".join(line + "\n" for line in lines))
     os.replace(tmp, run_dir / HISTORY_JSONL)
+    return _digest(lines)

@@ -65,6 +65,9 @@ class ServerState:
     (:func:`sigmax_fl.scaling.collect`); a resumed run sends the same ones."""
     history: tuple[dict[str, Any], ...] = ()
     """Rounds whose global model has been scored, oldest first."""
+    history_digest: str = ""
+    """:func:`runs.chain_digest` of the history as written to ``history.jsonl``: a checkpoint
+    names its rounds there instead of holding them."""
     unscored: dict[str, Any] | None = None
     """The record of round ``round`` while its model awaits its scores: with
     ``evaluate-on-receipt`` they come with the next round's train replies (or the closing
@@ -84,13 +87,16 @@ class ServerState:
             "rng": json.dumps(self.rng),
             "privacy": json.dumps(self.privacy),
             "scaler": json.dumps(self.scaler),
-            "history": json.dumps(list(self.history), default=str),
+            "history_rounds": len(self.history),
+            "history_digest": self.history_digest,
             "unscored": json.dumps(self.unscored, default=str),
             "run_config": json.dumps(run_config),
         }
 
     @classmethod
     def from_checkpoint(cls, payload: dict[str, Any]) -> ServerState:
+        """The state a checkpoint holds, but for its history (:func:`runs.checkpointed_history`)."""
+
         def arrays(tensors: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
             return {k: v.numpy() for k, v in tensors.items()}
 
@@ -104,7 +110,6 @@ class ServerState:
             rng=json.loads(payload["rng"]),
             privacy=json.loads(payload["privacy"]),
             scaler=json.loads(payload.get("scaler", "{}")),  # none before the federated scaler
-            history=tuple(json.loads(payload["history"])),
             unscored=json.loads(payload.get("unscored", "null")),  # none before on-receipt
         )
 
@@ -338,14 +343,19 @@ def _progress(
 
 def _report(
     run_dir: Path,
-    records: tuple[dict[str, Any], ...],
+    state: ServerState,
+    scored: int,
     settings: Settings,
     elapsed: float,
     first_round: int,
-) -> None:
-    """Append newly scored rounds to the history file and log their progress lines."""
-    for record in records:
-        runs.append_history(run_dir, record)
+) -> ServerState:
+    """Append the rounds scored after the first ``scored`` to the history file.
+
+    Logs their progress lines; returns ``state`` with the history's new digest.
+    """
+    digest = state.history_digest
+    for record in state.history[scored:]:
+        digest = runs.chain_digest(digest, runs.append_history(run_dir, record))
         log.info(
             "sigmax-fl: %s",
             _progress(
@@ -356,6 +366,7 @@ def _report(
                 settings.target,
             ),
         )
+    return replace(state, history_digest=digest)
 
 
 def _central_noise_std(settings: Settings) -> float:
@@ -403,9 +414,12 @@ def _start(settings: Settings, context: Context) -> tuple[Path, ServerState]:
                 f"being resumed ({ {k: before.get(k) for k in changed} }); a resumed run "
                 "must train the same way"
             )
-        state = ServerState.from_checkpoint(payload)
+        history = runs.checkpointed_history(checkpoint, payload)
         run_dir = checkpoint.parent.parent
-        runs.rewrite_history(run_dir, list(state.history))
+        digest = runs.rewrite_history(run_dir, history)
+        state = replace(
+            ServerState.from_checkpoint(payload), history=tuple(history), history_digest=digest
+        )
         log.info("sigmax-fl: resuming %s after round %d", run_dir, state.round)
         return run_dir, state
     run_dir = runs.create_run_dir(settings.outputs_dir, settings.run_name, context.run_id)
@@ -478,6 +492,8 @@ def main(grid: Grid, context: Context) -> None:
             break
         scored = len(state.history)
         state = run_round(state, strategy, grid, settings, accountant)
+        # History first: the checkpoint names the lines it was written after
+        state = _report(run_dir, state, scored, settings, time.monotonic() - started, first_round)
         runs.write_checkpoint(
             run_dir,
             state.round,
@@ -487,7 +503,6 @@ def main(grid: Grid, context: Context) -> None:
         runs.append_jsonl(
             run_dir / runs.AUDIT_JSONL, [s.audit(state.round) for s in strategy.last_train]
         )
-        _report(run_dir, state.history[scored:], settings, time.monotonic() - started, first_round)
         if (
             settings.early_stopping_patience
             and state.stale_rounds >= settings.early_stopping_patience
@@ -502,8 +517,9 @@ def main(grid: Grid, context: Context) -> None:
             break
     if state.unscored is not None:
         # evaluate-on-receipt: no next round brings the last model's scores
+        scored = len(state.history)
         state = evaluate_round(state, strategy, grid, settings)
-        _report(run_dir, state.history[-1:], settings, time.monotonic() - started, first_round)
+        state = _report(run_dir, state, scored, settings, time.monotonic() - started, first_round)
 
     final = (
         state.best_arrays

@@ -1,0 +1,153 @@
+"""Checkpoints name the history they were written after instead of holding it.
+
+A checkpoint used to carry the whole history, so each round's write grew with the run. It now
+holds how many lines of ``history.jsonl`` are the run's and their chained digest; resuming
+reads those lines, refuses a file that lost or changed them, and still reads the old format.
+The runs are the real ServerApp and ClientApps in this process (Flower's wire format).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from sigmax_fl import runs
+
+from .conftest import in_process_run, small_run
+
+INSTANCES = ("coinbase-btc-usd-1d", "bitstamp-eth-usd-1d")
+
+
+def _config(tmp_path: Path, run_name: str, **extra: object) -> dict:
+    return small_run(tmp_path, run_name, INSTANCES, **{"keep-checkpoints": 0, **extra})
+
+
+def _checkpoint(run_dir: Path, server_round: int) -> dict:
+    return torch.load(run_dir / runs.CHECKPOINTS / f"round-{server_round:05d}.pt")
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+@pytest.fixture(scope="module")
+def unbroken(tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Tensor]:
+    """The final model of the 3-round run every resumed run here must end with."""
+    tmp_path = tmp_path_factory.mktemp("unbroken")
+    return in_process_run(_config(tmp_path, "unbroken"), len(INSTANCES))
+
+
+@pytest.fixture
+def stopped(tmp_path: Path) -> tuple[dict, Path]:
+    """The same run stopped after round 2: its config (3 rounds) and folder."""
+    config = _config(tmp_path, "stopped")
+    in_process_run({**config, "num-server-rounds": 2}, len(INSTANCES))
+    return config, tmp_path / "outputs" / "stopped"
+
+
+def test_each_checkpoint_names_the_history_lines_written_before_it(tmp_path: Path) -> None:
+    # Execute
+    config = _config(tmp_path, "run")
+    in_process_run(config, len(INSTANCES))
+
+    # Assert: no checkpoint holds the history; each names a prefix of history.jsonl that
+    # checkpointed_history reads back, record for record
+    run_dir = tmp_path / "outputs" / "run"
+    lines = (run_dir / runs.HISTORY_JSONL).read_text().splitlines()
+    assert len(lines) == 3
+    for server_round in (1, 2, 3):
+        path = run_dir / runs.CHECKPOINTS / f"round-{server_round:05d}.pt"
+        payload = runs.read_checkpoint(path)
+        assert payload["format"] == runs.CHECKPOINT_FORMAT == 2
+        assert "history" not in payload
+        # one exchange a round: round r's model is scored by round r + 1's replies
+        assert payload["history_rounds"] == server_round - 1
+        history = runs.checkpointed_history(path, payload)
+        assert history == [json.loads(line) for line in lines[: server_round - 1]]
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        ("edit", "not the rounds the checkpoint was written after"),
+        ("truncate", r"must hold the 1 round\(s\) .* \(0 line\(s\)\)"),
+        ("delete", r"must hold the 1 round\(s\) .* \(no such file\)"),
+    ],
+)
+def test_resume_refuses_a_history_that_lost_or_changed_its_rounds_and_keeps_it(
+    stopped: tuple[dict, Path], damage: str, message: str
+) -> None:
+    # Prepare: round 2's checkpoint names history line 1 (round 2 was scored after it)
+    config, run_dir = stopped
+    history = run_dir / runs.HISTORY_JSONL
+    first, *rest = history.read_text().splitlines(keepends=True)
+    if damage == "edit":
+        record = json.loads(first)
+        record["seconds"] += 1.0
+        history.write_text(json.dumps(record) + "\n" + "".join(rest))
+    elif damage == "truncate":
+        history.write_text("")
+    else:
+        history.unlink()
+    left = history.read_bytes() if history.exists() else None
+    checkpoints = sorted((run_dir / runs.CHECKPOINTS).iterdir())
+
+    # Execute / Assert: refused with the file and what was wrong; nothing rewritten
+    with pytest.raises(ValueError, match=message) as refused:
+        in_process_run({**config, "resume-from": "latest"}, len(INSTANCES))
+    assert str(history) in str(refused.value)
+    assert "round-00002.pt" in str(refused.value)
+    assert (history.read_bytes() if history.exists() else None) == left
+    assert sorted((run_dir / runs.CHECKPOINTS).iterdir()) == checkpoints
+
+
+def test_resume_drops_history_lines_after_the_checkpoint_and_ends_with_the_same_model(
+    stopped: tuple[dict, Path], unbroken: dict[str, torch.Tensor]
+) -> None:
+    # Prepare: the closing phase of the stopped run appended round 2 after its last
+    # checkpoint; a line a crash cut short follows it
+    config, run_dir = stopped
+    history = run_dir / runs.HISTORY_JSONL
+    with history.open("a") as handle:
+        handle.write('{"round": 3, "cut sh')
+
+    # Execute
+    resumed = in_process_run({**config, "resume-from": "latest"}, len(INSTANCES))
+
+    # Assert: the same model and rounds; the resumed run's own checkpoint names its history
+    # (the rewritten lines and the new ones), so it can be resumed in turn
+    _same(resumed, unbroken)
+    rounds = [json.loads(line)["round"] for line in history.read_text().splitlines()]
+    assert rounds == [1, 2, 3]
+    last = run_dir / runs.CHECKPOINTS / "round-00003.pt"
+    named = runs.checkpointed_history(last, runs.read_checkpoint(last))
+    assert [r["round"] for r in named] == [1, 2]
+
+
+def test_a_checkpoint_that_holds_its_history_format_1_still_resumes(
+    stopped: tuple[dict, Path], unbroken: dict[str, torch.Tensor]
+) -> None:
+    # Prepare: round 2's checkpoint as the earlier format wrote it (the history inside), and
+    # the run's history file gone: that format needs none
+    config, run_dir = stopped
+    path = run_dir / runs.CHECKPOINTS / "round-00002.pt"
+    payload = _checkpoint(run_dir, 2)
+    history = runs.checkpointed_history(path, payload)
+    for key in ("history_rounds", "history_digest"):
+        del payload[key]
+    torch.save({**payload, "format": 1, "history": json.dumps(history)}, path)
+    (run_dir / runs.HISTORY_JSONL).unlink()
+
+    # Execute
+    resumed = in_process_run({**config, "resume-from": str(path)}, len(INSTANCES))
+
+    # Assert: the same model, and the history file written again from the checkpoint
+    _same(resumed, unbroken)
+    lines = (run_dir / runs.HISTORY_JSONL).read_text().splitlines()
+    assert [json.loads(line)["round"] for line in lines] == [1, 2, 3]
+    assert json.loads(lines[0]) == history[0]
