@@ -516,7 +516,12 @@ def _flwr_run(
 
     ``extra_env``: variables added to the SuperLink's environment (its runner's Ray settings).
     """
-    from sigmax_fl.deploy.flwr_cli import FINISHED_OK, FlwrHome, start_superlink
+    from sigmax_fl.deploy.flwr_cli import (
+        FINISHED_OK,
+        SIMULATION_RAY_ENV,
+        FlwrHome,
+        start_superlink,
+    )
     from sigmax_fl.deploy.processes import Supervisor
 
     home_dir = (work / "flwr-home").resolve()
@@ -528,6 +533,8 @@ def _flwr_run(
         FlwrHome(home_dir) as home,
         (work / "run.log").open("w") as sink,
     ):
+        for key in SIMULATION_RAY_ENV:  # stock gets Ray's defaults even if the shell set them
+            home.env.pop(key, None)
         link = start_superlink(
             supervisor, home, work / "state.db", simulation=True, extra_env=extra_env
         )

@@ -204,33 +204,47 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
 
 
 def checkpointed_history(checkpoint: Path, payload: dict[str, Any]) -> list[dict[str, Any]]:
-    """The rounds a checkpoint was written after.
-
-    Format 2 names the first ``history_rounds`` lines of its run's ``history.jsonl``: they are
-    read there and must have its digest (:func:`chain_digest`). Lines after them are rounds a
-    crash left between writing history and checkpoint, which the resumed run will redo. A
-    missing, shortened or edited file is refused with what was found: the run's model state is
-    in the checkpoint, but its history would be lost or wrong. Format 1 holds the rounds.
-    """
+    """The rounds a checkpoint was written after (read only; :func:`rewind` also cuts files)."""
     if payload["format"] == 1:
         return json.loads(payload["history"])
+    return [json.loads(line) for line in _named_lines(checkpoint, payload)]
+
+
+def _named_lines(checkpoint: Path, payload: dict[str, Any]) -> list[str]:
+    """The first ``history_rounds`` lines of the run's ``history.jsonl``, checked by digest.
+
+    Lines after them are rounds written after the checkpoint: by a crash between history
+    line and checkpoint, by a closing evaluate phase, or by the run an earlier checkpoint was
+    resumed from. A missing, shortened or edited file is refused with what was found: the
+    run's model state is in the checkpoint, but its history would be lost or wrong.
+    """
+    missing = [k for k in ("history_rounds", "history_digest") if k not in payload]
+    if missing:
+        raise ValueError(f"{checkpoint}: checkpoint format 2 without {missing}")
     path = checkpoint.parent.parent / HISTORY_JSONL
     wanted = int(payload["history_rounds"])
-    found = path.read_text().split("\n") if path.is_file() else []
-    lines = found[:wanted]
+    found = path.read_bytes().splitlines() if path.is_file() else []
+    lines = [line.decode("utf-8", "replace") for line in found[:wanted]]
     if len(lines) < wanted or not all(lines):
-        have = f"{sum(1 for x in found if x)} line(s)" if path.is_file() else "no such file"
+        have = (
+            "no such file"
+            if not path.is_file()
+            else f"line {lines.index('') + 1} is empty"
+            if not all(lines)
+            else f"it has {len(lines)} line(s)"
+        )
         raise ValueError(
             f"resume-from {checkpoint}: {path} must hold the {wanted} round(s) the checkpoint "
-            f"was written after ({have}); restore that file, or resume from an earlier checkpoint"
+            f"was written after ({have}); restore that file from a backup (a finished run's "
+            "history.json holds the same records as one list)"
         )
     if _digest(lines) != payload["history_digest"]:
         raise ValueError(
             f"resume-from {checkpoint}: the first {wanted} line(s) of {path} are not the rounds "
-            "the checkpoint was written after (the file was edited or replaced); restore it, or "
-            "resume from an earlier checkpoint"
+            "the checkpoint was written after (the file was edited or replaced); restore it from a "
+            "backup (a finished run's history.json holds the same records as one list)"
         )
-    return [json.loads(line) for line in lines]
+    return lines
 
 
 def _digest(lines: list[str]) -> str:
@@ -240,14 +254,65 @@ def _digest(lines: list[str]) -> str:
     return digest
 
 
-def rewrite_history(run_dir: Path, history: list[dict[str, Any]]) -> str:
-    """Make history.jsonl exactly the checkpoint's history (drops rounds a crash left after it).
+def rewind(checkpoint: Path, payload: dict[str, Any]) -> tuple[list[dict[str, Any]], str]:
+    """Bring a run's folder back to a checkpoint; its history and the history's digest.
 
-    Returns the digest (:func:`chain_digest`) of the lines written, which the resumed run's
-    checkpoints continue.
+    Checked before anything changes (:func:`_named_lines`); then ``history.jsonl`` is cut
+    in place, fsynced, to the checkpoint's lines (a format 1 checkpoint writes its own),
+    ``audit.jsonl`` keeps the lines of its rounds, and checkpoints of later rounds, which
+    belong to the run being abandoned, are renamed ``round-NNNNN.pt.abandoned``: a later
+    ``resume-from`` would otherwise pick one whose history is gone.
     """
-    lines = [json.dumps(r, default=str) for r in history]
-    tmp = run_dir / f".{HISTORY_JSONL}.tmp"
-    tmp.write_text("".join(line + "\n" for line in lines))
-    os.replace(tmp, run_dir / HISTORY_JSONL)
-    return _digest(lines)
+    run_dir = checkpoint.parent.parent
+    path = run_dir / HISTORY_JSONL
+    if payload["format"] == 1:
+        records = json.loads(payload["history"])
+        lines = [json.dumps(r, default=str) for r in records]
+        _replace_lines(path, lines)
+        digest = _digest(lines)
+    else:
+        lines = _named_lines(checkpoint, payload)
+        records = [json.loads(line) for line in lines]
+        with path.open("ab") as handle:  # created if a run with no scored round lost it
+            handle.truncate(sum(len(line.encode()) + 1 for line in lines))
+            os.fsync(handle.fileno())
+        digest = payload["history_digest"]
+    _cut_audit(run_dir / AUDIT_JSONL, int(payload["round"]))
+    for later in sorted(checkpoint.parent.glob("round-*.pt")):
+        if later.name > checkpoint.name:
+            os.replace(later, later.with_name(later.name + ".abandoned"))
+    return records, digest
+
+
+def _cut_audit(path: Path, server_round: int) -> None:
+    """Keep the audit lines of rounds up to ``server_round`` (and drop a line a crash cut)."""
+    if not path.is_file():
+        return
+    found = path.read_text().splitlines()
+    kept = []
+    for number, line in enumerate(found, 1):
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(found):
+                continue  # the last line, cut short by a crash
+            raise ValueError(f"{path}: line {number} is not JSON") from None
+        if int(entry["round"]) <= server_round:
+            kept.append(line)
+    if len(kept) < len(found):
+        _replace_lines(path, kept)
+
+
+def _replace_lines(path: Path, lines: list[str]) -> None:
+    """Write a file's lines anew: temporary file fsynced, renamed, folder fsynced."""
+    tmp = temporary(path)
+    with tmp.open("w") as handle:
+        handle.write("".join(line + "\n" for line in lines))
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)

@@ -49,7 +49,10 @@ RESUME_MAY_CHANGE = {
 
 @dataclass(frozen=True)
 class ServerState:
-    """Everything the next round depends on (FedJAX style): a checkpoint is this object."""
+    """Everything the next round depends on (FedJAX style): a checkpoint is this object.
+
+    Its history is named there by line count and digest (:func:`runs.rewind`).
+    """
 
     round: int
     arrays: dict[str, np.ndarray]
@@ -414,9 +417,8 @@ def _start(settings: Settings, context: Context) -> tuple[Path, ServerState]:
                 f"being resumed ({ {k: before.get(k) for k in changed} }); a resumed run "
                 "must train the same way"
             )
-        history = runs.checkpointed_history(checkpoint, payload)
+        history, digest = runs.rewind(checkpoint, payload)
         run_dir = checkpoint.parent.parent
-        digest = runs.rewrite_history(run_dir, history)
         state = replace(
             ServerState.from_checkpoint(payload), history=tuple(history), history_digest=digest
         )
@@ -492,16 +494,17 @@ def main(grid: Grid, context: Context) -> None:
             break
         scored = len(state.history)
         state = run_round(state, strategy, grid, settings, accountant)
-        # History first: the checkpoint names the lines it was written after
+        # History and audit first: a checkpoint follows every line of its rounds (a resume
+        # drops the lines of later ones)
         state = _report(run_dir, state, scored, settings, time.monotonic() - started, first_round)
+        runs.append_jsonl(
+            run_dir / runs.AUDIT_JSONL, [s.audit(state.round) for s in strategy.last_train]
+        )
         runs.write_checkpoint(
             run_dir,
             state.round,
             state.to_checkpoint(settings.to_run_config()),
             settings.keep_checkpoints,
-        )
-        runs.append_jsonl(
-            run_dir / runs.AUDIT_JSONL, [s.audit(state.round) for s in strategy.last_train]
         )
         if (
             settings.early_stopping_patience

@@ -50,9 +50,12 @@ def stopped(tmp_path: Path) -> tuple[dict, Path]:
     return config, tmp_path / "outputs" / "stopped"
 
 
-def test_each_checkpoint_names_the_history_lines_written_before_it(tmp_path: Path) -> None:
-    # Execute
-    config = _config(tmp_path, "run")
+@pytest.mark.parametrize(("on_receipt", "scored_later"), [(True, 1), (False, 0)])
+def test_each_checkpoint_names_the_history_lines_written_before_it(
+    tmp_path: Path, on_receipt: bool, scored_later: int
+) -> None:
+    # Execute: one exchange a round (round r's model scored by round r + 1's replies) or two
+    config = _config(tmp_path, "run", **{"evaluate-on-receipt": on_receipt})
     in_process_run(config, len(INSTANCES))
 
     # Assert: no checkpoint holds the history; each names a prefix of history.jsonl that
@@ -65,17 +68,17 @@ def test_each_checkpoint_names_the_history_lines_written_before_it(tmp_path: Pat
         payload = runs.read_checkpoint(path)
         assert payload["format"] == runs.CHECKPOINT_FORMAT == 2
         assert "history" not in payload
-        # one exchange a round: round r's model is scored by round r + 1's replies
-        assert payload["history_rounds"] == server_round - 1
+        assert payload["history_rounds"] == server_round - scored_later
         history = runs.checkpointed_history(path, payload)
-        assert history == [json.loads(line) for line in lines[: server_round - 1]]
+        assert history == [json.loads(line) for line in lines[: server_round - scored_later]]
 
 
 @pytest.mark.parametrize(
     ("damage", "message"),
     [
         ("edit", "not the rounds the checkpoint was written after"),
-        ("truncate", r"must hold the 1 round\(s\) .* \(0 line\(s\)\)"),
+        ("truncate", r"must hold the 1 round\(s\) .* \(it has 0 line\(s\)\)"),
+        ("blank", r"must hold the 1 round\(s\) .* \(line 1 is empty\)"),
         ("delete", r"must hold the 1 round\(s\) .* \(no such file\)"),
     ],
 )
@@ -92,6 +95,8 @@ def test_resume_refuses_a_history_that_lost_or_changed_its_rounds_and_keeps_it(
         history.write_text(json.dumps(record) + "\n" + "".join(rest))
     elif damage == "truncate":
         history.write_text("")
+    elif damage == "blank":
+        history.write_text("\n" + first + "".join(rest))
     else:
         history.unlink()
     left = history.read_bytes() if history.exists() else None
@@ -151,3 +156,28 @@ def test_a_checkpoint_that_holds_its_history_format_1_still_resumes(
     lines = (run_dir / runs.HISTORY_JSONL).read_text().splitlines()
     assert [json.loads(line)["round"] for line in lines] == [1, 2, 3]
     assert json.loads(lines[0]) == history[0]
+
+
+def test_resuming_an_earlier_checkpoint_sets_the_later_ones_aside_and_cuts_the_audit(
+    tmp_path: Path, unbroken: dict[str, torch.Tensor]
+) -> None:
+    # Prepare: a finished 3-round run
+    config = _config(tmp_path, "rewound")
+    in_process_run(config, len(INSTANCES))
+    run_dir = tmp_path / "outputs" / "rewound"
+    folder = run_dir / runs.CHECKPOINTS
+
+    # Execute: taken back to round 1 and stopped after round 2 (as a crash would stop it),
+    # then resumed from the newest checkpoint
+    rewound = {**config, "num-server-rounds": 2, "resume-from": str(folder / "round-00001.pt")}
+    in_process_run(rewound, len(INSTANCES))
+    abandoned = sorted(p.name for p in folder.glob("*.abandoned"))
+    resumed = in_process_run({**config, "resume-from": "latest"}, len(INSTANCES))
+
+    # Assert: the old run's rounds 2 and 3 were set aside (their history is gone), so
+    # "latest" found the rewound run's round 2; the audit holds each round once
+    assert abandoned == ["round-00002.pt.abandoned", "round-00003.pt.abandoned"]
+    _same(resumed, unbroken)
+    audit = [json.loads(line) for line in (run_dir / runs.AUDIT_JSONL).read_text().splitlines()]
+    entries = sorted((a["round"], a["instance_id"]) for a in audit)
+    assert entries == sorted((r, i) for r in (1, 2, 3) for i in INSTANCES)

@@ -351,7 +351,10 @@ def test_superlink_port_collision_is_reported_or_retried(
 def test_simulation_run_completes_and_stop_reaches_ray(
     tmp_path: Path, supervisor: Supervisor, home: FlwrHome, tiny_app: Path
 ) -> None:
-    # Prepare: the runner's Ray environment (`make run`), which must reach Ray's raylet
+    # Prepare: the runner's Ray environment (`make run`), which must reach Ray's raylet (not
+    # inherited from this shell: the test would pass without extra_env)
+    for key in SIMULATION_RAY_ENV:
+        home.env.pop(key, None)
     link = start_superlink(
         supervisor, home, tmp_path / "sim.db", simulation=True, extra_env=SIMULATION_RAY_ENV
     )
