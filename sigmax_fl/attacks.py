@@ -123,7 +123,7 @@ def _boosted_flip(w: dict, g: dict, n: int) -> tuple[dict, int]:
     return flipped, n * 10
 
 
-def _claims(claim: Callable[[int], int]) -> Tamper:
+def claims(claim: Callable[[int], int]) -> Tamper:
     """Honest weights, with ``num-examples`` replaced by ``claim(true count)``."""
 
     def tamper(w: dict, g: dict, n: int) -> tuple[dict, int]:
@@ -195,13 +195,13 @@ ATTACKS: dict[str, Attack] = {
             "num-examples-1e9",
             "honest weights, num-examples = 1e9",
             "plausibility",
-            _claims(lambda n: 10**9),
+            claims(lambda n: 10**9),
         ),
         Attack(
             "num-examples-10x",
             "honest weights, num-examples x 10",
             "weight-cap",
-            _claims(lambda n: 10 * n),
+            claims(lambda n: 10 * n),
         ),
         Attack(
             "boosted-flip",
