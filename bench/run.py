@@ -153,7 +153,7 @@ def round_files(
     The round's history line (appended, fsynced, chained into the history's digest) and its
     checkpoint (``ServerState.to_checkpoint`` then ``runs.write_checkpoint``), for a run of
     ``instances`` instances whose history already holds ``r`` rounds, each round's record the
-    size of a real one (about 0.5 KB per instance). Median of ``reps``.
+    size of a real one (about 0.3 KB per instance). Median of ``reps``.
     """
     from sigmax_fl import runs
     from sigmax_fl.server_app import ServerState

@@ -265,6 +265,7 @@ def rewind(checkpoint: Path, payload: dict[str, Any]) -> tuple[list[dict[str, An
     """
     run_dir = checkpoint.parent.parent
     path = run_dir / HISTORY_JSONL
+    audit = _audit_up_to(checkpoint, run_dir / AUDIT_JSONL, int(payload["round"]))
     if payload["format"] == 1:
         records = json.loads(payload["history"])
         lines = [json.dumps(r, default=str) for r in records]
@@ -277,30 +278,37 @@ def rewind(checkpoint: Path, payload: dict[str, Any]) -> tuple[list[dict[str, An
             handle.truncate(sum(len(line.encode()) + 1 for line in lines))
             os.fsync(handle.fileno())
         digest = payload["history_digest"]
-    _cut_audit(run_dir / AUDIT_JSONL, int(payload["round"]))
+    if audit is not None:
+        _replace_lines(run_dir / AUDIT_JSONL, audit)
     for later in sorted(checkpoint.parent.glob("round-*.pt")):
         if later.name > checkpoint.name:
             os.replace(later, later.with_name(later.name + ".abandoned"))
     return records, digest
 
 
-def _cut_audit(path: Path, server_round: int) -> None:
-    """Keep the audit lines of rounds up to ``server_round`` (and drop a line a crash cut)."""
+def _audit_up_to(checkpoint: Path, path: Path, server_round: int) -> list[str] | None:
+    """The audit lines of rounds up to ``server_round``; None if that is every line.
+
+    The last line may be one a crash cut short: it is dropped. Any other line that is not an
+    audit entry is refused, as the history is: the file is not the server's any more.
+    """
     if not path.is_file():
-        return
+        return None
     found = path.read_text().splitlines()
     kept = []
     for number, line in enumerate(found, 1):
         try:
-            entry = json.loads(line)
-        except json.JSONDecodeError:
+            entry_round = int(json.loads(line)["round"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
             if number == len(found):
-                continue  # the last line, cut short by a crash
-            raise ValueError(f"{path}: line {number} is not JSON") from None
-        if int(entry["round"]) <= server_round:
+                continue
+            raise ValueError(
+                f"resume-from {checkpoint}: {path} line {number} is not an audit entry (a JSON "
+                "object with a 'round'); restore that file from a backup"
+            ) from None
+        if entry_round <= server_round:
             kept.append(line)
-    if len(kept) < len(found):
-        _replace_lines(path, kept)
+    return kept if len(kept) < len(found) else None
 
 
 def _replace_lines(path: Path, lines: list[str]) -> None:

@@ -181,3 +181,19 @@ def test_resuming_an_earlier_checkpoint_sets_the_later_ones_aside_and_cuts_the_a
     audit = [json.loads(line) for line in (run_dir / runs.AUDIT_JSONL).read_text().splitlines()]
     entries = sorted((a["round"], a["instance_id"]) for a in audit)
     assert entries == sorted((r, i) for r in (1, 2, 3) for i in INSTANCES)
+
+
+def test_resume_refuses_an_audit_line_that_is_not_an_entry_and_changes_nothing(
+    stopped: tuple[dict, Path],
+) -> None:
+    # Prepare: a line that is not the server's in the audit; the history holds a line after
+    # the checkpoint's (the closing phase's), which a resume would cut
+    config, run_dir = stopped
+    audit, history = run_dir / runs.AUDIT_JSONL, run_dir / runs.HISTORY_JSONL
+    audit.write_text("not json\n" + audit.read_text())
+    before = [audit.read_bytes(), history.read_bytes()]
+
+    # Execute / Assert: refused, naming the file and the line; both files as they were
+    with pytest.raises(ValueError, match=r"audit.jsonl line 1 is not an audit entry"):
+        in_process_run({**config, "resume-from": "latest"}, len(INSTANCES))
+    assert [audit.read_bytes(), history.read_bytes()] == before
