@@ -98,7 +98,9 @@ def append_history(run_dir: Path, record: dict[str, Any]) -> str:
 
     Returns the line written (without its newline), for :func:`chain_digest`.
     """
-    return _append_lines(run_dir / HISTORY_JSONL, [json.dumps(record, default=str)])[0]
+    line = json.dumps(record, default=str)
+    _append_lines(run_dir / HISTORY_JSONL, [line])
+    return line
 
 
 def chain_digest(digest: str, line: str) -> str:
@@ -139,13 +141,12 @@ def append_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
     _append_lines(path, [json.dumps(record, default=str) for record in records])
 
 
-def _append_lines(path: Path, lines: list[str]) -> list[str]:
+def _append_lines(path: Path, lines: list[str]) -> None:
     with path.open("a") as handle:
         for line in lines:
             handle.write(line + "\n")
         handle.flush()
         os.fsync(handle.fileno())
-    return lines
 
 
 def write_checkpoint(run_dir: Path, server_round: int, payload: dict[str, Any], keep: int) -> Path:

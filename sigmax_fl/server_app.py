@@ -98,7 +98,7 @@ class ServerState:
 
     @classmethod
     def from_checkpoint(cls, payload: dict[str, Any]) -> ServerState:
-        """The state a checkpoint holds, but for its history (:func:`runs.checkpointed_history`)."""
+        """The state a checkpoint holds, but for its history (:func:`runs.rewind`)."""
 
         def arrays(tensors: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
             return {k: v.numpy() for k, v in tensors.items()}

@@ -34,7 +34,7 @@ from sigmax_fl.deploy.flwr_cli import (
     start_superlink,
     start_supernode,
 )
-from sigmax_fl.deploy.processes import ProcessError, Supervisor, free_port
+from sigmax_fl.deploy.processes import ProcessError, Supervisor, environ_of, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -390,12 +390,7 @@ def test_simulation_run_completes_and_stop_reaches_ray(
     assert all(p not in _group_members(link.process.pid) for p in ray_pids)
     # Ray's raylet (which starts the workers) got the runner's settings through Flower's chain
     for pid in ray_pids:
-        assert SIMULATION_RAY_ENV.items() <= _environ(pid).items(), f"raylet {pid}"
-
-
-def _environ(pid: int) -> dict[str, str]:
-    raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-    return dict(item.decode().split("=", 1) for item in raw if b"=" in item)
+        assert SIMULATION_RAY_ENV.items() <= environ_of(pid).items(), f"raylet {pid}"
 
 
 def _group_members(pgid: int) -> set[int]:

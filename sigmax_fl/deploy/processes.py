@@ -111,15 +111,19 @@ def _live_processes() -> Iterator[tuple[int, int]]:
             yield int(entry.name), pgid
 
 
-def _tags_of(pid: int) -> list[str]:
+def environ_of(pid: int) -> dict[str, str]:
+    """A live process's environment as it was started; empty if it exited or is not ours."""
     try:
-        environ = Path(f"/proc/{pid}/environ").read_bytes()
-    except OSError:  # exited, or not ours to read
-        return []
-    for item in environ.split(b"\0"):
-        if item.startswith(TAG_ENV.encode() + b"="):
-            return item.split(b"=", 1)[1].decode().split(",")
-    return []
+        raw = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return {}
+    items = (item.decode(errors="replace").split("=", 1) for item in raw.split(b"\0"))
+    return {item[0]: item[1] for item in items if len(item) == 2}
+
+
+def _tags_of(pid: int) -> list[str]:
+    tags = environ_of(pid).get(TAG_ENV)
+    return tags.split(",") if tags is not None else []
 
 
 def tagged_processes(tag: str) -> list[int]:
