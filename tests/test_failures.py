@@ -99,8 +99,13 @@ class Federation:
         }
         return self.home.flwr_run(ROOT, "fail", run_config=run_config)
 
-    def finish(self, run_id: int, timeout: float = 120.0) -> tuple[str, str]:
-        """Wait for the run; return its status and its whole log."""
+    def finish(self, run_id: int, timeout: float = 300.0) -> tuple[str, str]:
+        """Wait for the run; return its status and its whole log.
+
+        300 s as for every deployed run in the suite: on a slow 2-core machine running three
+        test workers, one round with a roll call took 90 s, and a second run the same
+        test submitted had not finished 120 s after it started.
+        """
         log = io.StringIO()
         self.home.stream_logs(run_id, "fail", sink=log, timeout=timeout)
         status = self.home.wait_for_run(run_id, "fail", timeout=30)
