@@ -67,12 +67,14 @@ def test_replies_return_within_milliseconds_not_a_poll_interval(federation) -> N
     grid, nodes = federation
     exchange.send_and_receive(grid, _messages(nodes.nodes), timeout=10)  # warm up
 
-    started = time.monotonic()
-    replies = exchange.send_and_receive(grid, _messages(nodes.nodes), timeout=10)
-    took = time.monotonic() - started
+    took = []  # the quickest of three: a busy machine can stall one, not a sleep in all three
+    for _ in range(3):
+        started = time.monotonic()
+        replies = exchange.send_and_receive(grid, _messages(nodes.nodes), timeout=10)
+        took.append(time.monotonic() - started)
+        assert sorted(m.metadata.src_node_id for m in replies) == sorted(nodes.nodes)
 
-    assert sorted(m.metadata.src_node_id for m in replies) == sorted(nodes.nodes)
-    assert took < 0.08, took  # Grid.send_and_receive sleeps 0.1 s after its first pull
+    assert min(took) < 0.08, took  # Grid.send_and_receive sleeps 0.1 s after its first pull
     assert not grid.state.message_ins_store  # pulled replies deleted their messages
 
 
@@ -94,12 +96,14 @@ def test_a_silent_node_costs_the_timeout_and_the_others_are_returned(federation)
     grid, nodes = federation
     nodes.silent = {nodes.nodes[0]}
 
-    started = time.monotonic()
-    replies = exchange.send_and_receive(grid, _messages(nodes.nodes), timeout=0.5)
-    took = time.monotonic() - started
+    took = []  # every exchange waits the timeout; the quickest of three shows it waits no more
+    for _ in range(3):
+        started = time.monotonic()
+        replies = exchange.send_and_receive(grid, _messages(nodes.nodes), timeout=0.5)
+        took.append(time.monotonic() - started)
+        assert sorted(m.metadata.src_node_id for m in replies) == sorted(nodes.nodes[1:])
 
-    assert sorted(m.metadata.src_node_id for m in replies) == sorted(nodes.nodes[1:])
-    assert 0.5 <= took < 0.8, took
+    assert min(took) >= 0.5 and min(took) < 0.8, took
 
 
 @pytest.mark.parametrize("federation", [3], indirect=True)
