@@ -3,12 +3,17 @@
 A checkpoint used to carry the whole history, so each round's write grew with the run. It now
 holds how many lines of ``history.jsonl`` are the run's and their chained digest; resuming
 reads those lines, refuses a file that lost or changed them, and still reads the old format.
-The runs are the real ServerApp and ClientApps in this process (Flower's wire format).
+The runs are the real ServerApp and ClientApps in this process (Flower's wire format). A
+new checkpoint reaches the disk (file and folder fsynced) before an older one is deleted.
 """
 
 from __future__ import annotations
 
 import json
+import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +21,7 @@ import torch
 
 from sigmax_fl import runs
 
-from .conftest import in_process_run, small_run
+from .conftest import ROOT, in_process_run, small_run
 
 INSTANCES = ("coinbase-btc-usd-1d", "bitstamp-eth-usd-1d")
 
@@ -197,3 +202,36 @@ def test_resume_refuses_an_audit_line_that_is_not_an_entry_and_changes_nothing(
     with pytest.raises(ValueError, match=r"audit.jsonl line 1 is not an audit entry"):
         in_process_run({**config, "resume-from": "latest"}, len(INSTANCES))
     assert [audit.read_bytes(), history.read_bytes()] == before
+
+
+WRITE_TWO_CHECKPOINTS = """
+import sys
+from pathlib import Path
+import torch
+from sigmax_fl import runs
+for server_round in (1, 2):
+    runs.write_checkpoint(Path(sys.argv[1]), server_round, {"w": torch.zeros(3)}, keep=1)
+"""
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace to see the syscalls")
+def test_a_new_checkpoint_is_on_disk_before_the_older_one_is_deleted(tmp_path: Path) -> None:
+    # Execute: round 2's checkpoint replaces round 1's (keep-checkpoints = 1), under strace
+    trace = tmp_path / "trace.txt"
+    command = ["strace", "-f", "-y", "-o", str(trace)]
+    command += ["-e", "trace=fsync,rename,renameat,renameat2,unlink,unlinkat"]
+    command += [sys.executable, "-c", WRITE_TWO_CHECKPOINTS, str(tmp_path)]
+    subprocess.run(command, cwd=ROOT, check=True, timeout=120, capture_output=True)
+    calls = [re.sub(r"^\d+\s+", "", line) for line in trace.read_text().splitlines()]
+
+    def first(pattern: str, after: int = -1) -> int:
+        found = [i for i, c in enumerate(calls) if i > after and re.search(pattern, c)]
+        assert found, f"no {pattern!r} after call {after} in:\n" + "\n".join(calls)
+        return found[0]
+
+    # Assert: the file's bytes, then its name, then the old file's removal, in that order
+    synced = first(r"^fsync\(\d+<[^>]*/checkpoints/\.round-00002\.pt\.\w+\.tmp>\)")
+    renamed = first(r"^rename(at2?)?\(.*\.tmp\", .*/checkpoints/round-00002\.pt\"", synced)
+    folder_synced = first(r"^fsync\(\d+<[^>]*/checkpoints>\)", renamed)
+    first(r"^unlink(at)?\(.*/checkpoints/round-00001\.pt\"", folder_synced)
+    assert sorted(p.name for p in (tmp_path / runs.CHECKPOINTS).iterdir()) == ["round-00002.pt"]
