@@ -151,7 +151,7 @@ def round_files(
     """What the server writes after each round, early and late in a long run.
 
     The round's history line (appended, fsynced, chained into the history's digest) and its
-    checkpoint (``ServerState.to_checkpoint`` then ``runs.write_checkpoint``), for a run of
+    checkpoint (``ServerState.to_checkpoint`` then ``runs.write_checkpoint``, fsynced), for a run of
     ``instances`` instances whose history already holds ``r`` rounds, each round's record the
     size of a real one (about 0.3 KB per instance). Median of ``reps``.
     """
@@ -970,8 +970,9 @@ def _round_files_md(f: dict) -> list[str]:
         "",
         f"{f['instances']} instances, a history line of {f['history_line_bytes']:,} bytes a "
         "round: the line appended to `history.jsonl` (fsynced, chained into the history's "
-        "digest) and the round's checkpoint, which names the history's lines by number and "
-        f"digest instead of holding them (median of {f['reps']}).",
+        "digest) and the round's checkpoint (fsynced, renamed, folder fsynced), which names "
+        "the history's lines by number and digest instead of holding them (median of "
+        f"{f['reps']}).",
         "",
         "| after round | seconds | checkpoint bytes |",
         "|---|---|---|",
