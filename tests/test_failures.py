@@ -6,7 +6,7 @@ it breaks in production, with no hook in the app:
 
 (a) a node whose ``data-path`` is a corrupt export: its ClientApp raises a DataError;
 (b) a SuperNode killed (SIGKILL) after it pulled its train message;
-(c) a straggler: the node's ClientApp process is frozen (SIGSTOP) for longer than
+(c) a straggler: the node's ClientApp processes are frozen (SIGSTOP) for longer than
     ``round-timeout``, as an overloaded or swapping machine is, then let go (SIGCONT);
 (d) fewer SuperNodes than ``min-available-nodes``.
 
@@ -30,6 +30,7 @@ from typing import Any
 
 import pytest
 import torch
+from flwr.common.constant import HEARTBEAT_DEFAULT_INTERVAL, HEARTBEAT_PATIENCE
 
 from sigmax_fl.deploy.flwr_cli import (
     FINISHED_OK,
@@ -51,12 +52,16 @@ GOOD_NODES = {
     "bitstamp-ltc": (DATA / "bitstamp_BTC_ETH_LTC_USD_d.csv#LTC", "bitstamp"),
 }
 BASE_CONFIG: dict[str, Any] = {"local-epochs": 1, "num-server-rounds": 1}
-ROUND_TIMEOUT = 60.0
+ROUND_TIMEOUT = 45.0
 """Seconds a round waits for replies in (b) and (c). A healthy node needs a few seconds (3 s
 poll, a fresh ClientApp process importing torch, one epoch on ~1,000 rows), but its reply came
 up to ~22 s after the round started under a load average of 10 on 2 cores, and a slower
-2-core machine running three test workers took 51 s for a round's healthy replies: keep the
-margin."""
+2-core machine running three test workers once took 51 s for a round's healthy replies.
+
+Bounded above by Flower's task heartbeat window (:data:`HEARTBEAT_WINDOW`): a SuperNode
+answers for a ClientApp silent that long ("ClientApp crashed"), which would end (c)'s round
+before its timeout."""
+HEARTBEAT_WINDOW = HEARTBEAT_PATIENCE * HEARTBEAT_DEFAULT_INTERVAL
 
 
 class Federation:
@@ -273,31 +278,46 @@ def test_supernode_killed_mid_round(federation: Federation) -> None:
 
 
 def test_straggler_slower_than_round_timeout(federation: Federation) -> None:
-    # Prepare
+    # Prepare: a frozen ClientApp's heartbeat must not lapse before the round's timeout
+    assert ROUND_TIMEOUT + 10 <= HEARTBEAT_WINDOW
     federation.add_good_nodes(3)
     straggler = federation.nodes["bitstamp-ltc"]
 
-    # Execute: freeze the straggler's ClientApps until the round has been aggregated
+    # Execute: freeze the straggler's ClientApps for its train message until the round has
+    # been aggregated. Not the roll call's, which may still be exiting: frozen, it would lapse
+    # and have Flower answer the train message too ("ClientApp crashed").
     run_id = federation.submit("straggler", **TWO_OF_THREE)
-    _wait_for(lambda: _training(straggler), "the straggler's training to start")
+    roll_call: set[int] = set()
+
+    def training() -> set[int]:
+        apps = set(_clientapps(straggler))  # listed before the log is read: none of them can
+        text = straggler.log_text()  # be the train message's if the log has not received it
+        received = text.rfind("Receiving: train message")
+        if received < 0:
+            roll_call.update(apps)
+            return set()
+        return apps - roll_call if "Start `flwr-clientapp`" in text[received:] else set()
+
+    first = _wait_for(training, "the straggler's training to start")
     frozen: set[int] = set()
 
-    def freeze_new() -> None:
-        # Flower's SuperNode starts the task again in a new ClientApp once the frozen one's
-        # heartbeat has lapsed (30 s, twice): the machine is still overloaded, freeze that too
-        for pid in set(_clientapps(straggler)) - frozen:
-            with contextlib.suppress(ProcessLookupError):  # the roll call's may just exit
+    def freeze(pids: set[int]) -> None:
+        for pid in pids - frozen:
+            with contextlib.suppress(ProcessLookupError):  # it may have just exited
                 os.kill(pid, signal.SIGSTOP)
             frozen.add(pid)
 
-    freeze_new()
-    frozen_at = time.monotonic()
     history = federation.run_dir("straggler") / "history.jsonl"
     try:
+        freeze(first)
+        frozen_at = time.monotonic()
+        # A task whose ClientApp froze before taking it is started again in a new one once its
+        # heartbeat lapses: the machine is still overloaded, freeze that one too
         _wait_for(
-            lambda: freeze_new() or history.exists(),
+            lambda: freeze(training()) or history.exists(),
             "the round to be recorded",
             timeout=ROUND_TIMEOUT + 60,
+            interval=0.5,
         )
         round_after = time.monotonic() - frozen_at
     finally:
