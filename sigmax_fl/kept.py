@@ -106,8 +106,9 @@ def save(
             try:
                 os.link(this_round, tmp)
             except OSError:  # no hard links here (some network or FAT file systems): a copy
-                torch.save(payload, tmp)
-            tmp.replace(path)
+                runs.save_torch(payload, path)
+            else:
+                runs.rename_durably(tmp, path)
         keep = settings.keep_checkpoints + 1 if settings.keep_checkpoints else 0
         kept = list(kept_rounds(settings, run_id, instance_id, kind).values())
         for old in kept[:-keep] if keep else []:
