@@ -24,7 +24,7 @@ import os
 import re
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -157,17 +157,29 @@ def _clientapps(node: ManagedProcess) -> list[int]:
     return found
 
 
-def _training(node: ManagedProcess) -> list[int]:
-    """The SuperNode's ClientApp processes once it has started one for a train message.
+def _training(node: ManagedProcess) -> Callable[[], set[int]]:
+    """A probe for the SuperNode's ClientApp processes for its train message, once it has one.
 
     A deployed run first asks every node which instance it serves (the roll call), which
-    starts a ClientApp of its own: breaking that one would break the roll call, not the round.
+    starts a ClientApp of its own: breaking that one would break the roll call, not the round,
+    and a frozen one would lapse and have Flower answer the train message too ("ClientApp
+    crashed"). Start calling the probe before the train message arrives: the ClientApps it sees
+    until then are the roll call's, and it never returns them.
     """
-    text = node.log_text()
-    received = text.rfind("Receiving: train message")
-    if received < 0 or "Start `flwr-clientapp` process" not in text[received:]:
-        return []
-    return _clientapps(node)
+    roll_call: set[int] = set()
+
+    def probe() -> set[int]:
+        apps = set(_clientapps(node))  # listed before the log is read: none of them can be
+        text = node.log_text()  # the train message's if the log has not received it
+        received = text.rfind("Receiving: train message")
+        if received < 0:
+            roll_call.update(apps)
+            return set()
+        if "Start `flwr-clientapp` process" not in text[received:]:
+            return set()
+        return apps - roll_call
+
+    return probe
 
 
 def _wait_for(condition: Any, what: str, timeout: float = 90.0, interval: float = 0.05) -> Any:
@@ -262,7 +274,7 @@ def test_supernode_killed_mid_round(federation: Federation) -> None:
 
     # Execute: kill the node once it has pulled its train message and started the ClientApp
     run_id = federation.submit("killed", **TWO_OF_THREE)
-    _wait_for(lambda: _training(victim), "the victim's ClientApp to start training")
+    _wait_for(_training(victim), "the victim's ClientApp to start training")
     started = time.monotonic()
     for pid in victim.remaining():
         with contextlib.suppress(ProcessLookupError):  # the roll call's ClientApp may just exit
@@ -283,21 +295,10 @@ def test_straggler_slower_than_round_timeout(federation: Federation) -> None:
     federation.add_good_nodes(3)
     straggler = federation.nodes["bitstamp-ltc"]
 
-    # Execute: freeze the straggler's ClientApps for its train message until the round has
-    # been aggregated. Not the roll call's, which may still be exiting: frozen, it would lapse
-    # and have Flower answer the train message too ("ClientApp crashed").
+    # Execute: freeze the straggler's ClientApps for its train message (not the roll call's)
+    # until the round has been aggregated
     run_id = federation.submit("straggler", **TWO_OF_THREE)
-    roll_call: set[int] = set()
-
-    def training() -> set[int]:
-        apps = set(_clientapps(straggler))  # listed before the log is read: none of them can
-        text = straggler.log_text()  # be the train message's if the log has not received it
-        received = text.rfind("Receiving: train message")
-        if received < 0:
-            roll_call.update(apps)
-            return set()
-        return apps - roll_call if "Start `flwr-clientapp`" in text[received:] else set()
-
+    training = _training(straggler)
     first = _wait_for(training, "the straggler's training to start")
     frozen: set[int] = set()
 
