@@ -5,8 +5,8 @@ while it is in a register. With torch ops, each value goes through three ops (de
 square for the norm, its weighted sum), each a separate sweep through the caches, and a large
 model's pass ran at 2-3x the time it takes to read the replies. Here one loop reads
 ``w_k - w_global`` once and feeds the squared norm and the weighted sum from it, eight replies
-at a time per register tile, :data:`THREADS` threads over disjoint runs of tiles (ctypes
-releases the GIL).
+at a time per register tile, :data:`THREADS` threads taking runs of :data:`CHUNK` tiles from
+one shared counter (ctypes releases the GIL).
 
 The source below travels inside the package (so inside Flower's FAB); ``cc`` (or ``$CC``)
 builds it into a private temporary directory once per process, and only for models of at
@@ -45,6 +45,9 @@ building the kernel costs about 0.1 s once."""
 TILE = 8192
 """Values per tile: its float32 running sums (32 KiB) stay in the L1 cache while eight replies
 are added in."""
+CHUNK = 8
+"""Tiles a thread takes at a time (8 x 32 KiB of each reply): small enough that threads finish
+together when one of them is slowed, large enough that taking a run costs nothing."""
 ENV_SWITCH = "SIGMAX_FL_FUSED"
 
 
@@ -142,6 +145,21 @@ void sigmax_fused_pass(int64_t arrays, int64_t replies, const float *const *xs,
         first += tiles;
     }
 }
+
+/* Tiles [0, tiles), `chunk` at a time, each run taken from the counter *next shared by every
+   thread of the pass: a thread that loses its core to another process takes fewer runs
+   instead of holding the whole pass back. */
+void sigmax_fused_shared(int64_t arrays, int64_t replies, const float *const *xs,
+                         const float *const *gs, float *const *outs, const int64_t *lens,
+                         const float *w, double *sq, int64_t tiles, int64_t chunk, int64_t *next)
+{
+    for (;;) {
+        const int64_t t0 = __atomic_fetch_add(next, chunk, __ATOMIC_RELAXED);
+        if (t0 >= tiles) return;
+        sigmax_fused_pass(arrays, replies, xs, gs, outs, lens, w, sq, t0,
+                          t0 + chunk < tiles ? t0 + chunk : tiles);
+    }
+}
 """
 
 _FLAGS = ("-O3", "-ffp-contract=off", "-shared", "-fPIC")
@@ -203,8 +221,8 @@ def _build(compiler: list[str]) -> tuple[ctypes.CDLL | None, str]:
                 continue
             if built.returncode == 0:
                 kernel = ctypes.CDLL(str(lib))  # mapped now: the file may go with the directory
-                fn = kernel.sigmax_fused_pass
-                fn.argtypes = [_I, _I, _P, _P, _P, _P, _P, _P, _I, _I]
+                fn = kernel.sigmax_fused_shared
+                fn.argtypes = [_I, _I, _P, _P, _P, _P, _P, _P, _I, _I, _P]
                 fn.restype = None
                 return kernel, ""
             problem = (built.stderr.strip().splitlines() or ["no output"])[-1]
@@ -267,8 +285,9 @@ def norms_and_average(
     """The update norms ``||models[k] - reference||``; the average goes into ``out``.
 
     ``out`` receives ``reference + sum_k weights[k] (models[k] - reference)``. Call only
-    where :func:`applies`. ``threads`` parts take contiguous runs of tiles; the result does not
-    depend on their number (each tile's sums have their own row).
+    where :func:`applies`. ``threads`` threads take runs of tiles as they become free; the
+    result depends neither on their number nor on which took what (each tile's sums have their
+    own row).
     """
     kernel = library()
     if kernel is None:
@@ -302,21 +321,24 @@ def norms_and_average(
     args = (len(names), replies, xs.ctypes.data, gs.ctypes.data, outs.ctypes.data)
     args += (lens.ctypes.data, w.ctypes.data, sq.ctypes.data)
     parts = max(1, min(threads, tiles))
-    bounds = [tiles * p // parts for p in range(parts + 1)]
+    # Runs of up to CHUNK tiles, and at least 8 runs a thread where there are enough tiles,
+    # so that a small model is shared out too.
+    next_tile = np.zeros(1, dtype=np.int64)
+    args += (tiles, max(1, min(CHUNK, tiles // (8 * parts))), next_tile.ctypes.data)
     failed: list[BaseException] = []
 
-    def part(p: int) -> None:
+    def part() -> None:
         try:
-            kernel.sigmax_fused_pass(*args, bounds[p], bounds[p + 1])
+            kernel.sigmax_fused_shared(*args)
         except BaseException as err:  # re-raised below: half an average must never be used
             failed.append(err)
 
     helpers: list[threading.Thread] = []
     try:
-        for p in range(1, parts):
-            helpers.append(threading.Thread(target=part, args=(p,)))
+        for _ in range(1, parts):
+            helpers.append(threading.Thread(target=part))
             helpers[-1].start()
-        part(0)
+        part()
     finally:
         # Whatever happens here, no thread may still write into out (or read freed inputs)
         # once this function is left.
