@@ -91,7 +91,7 @@ def save(
     a temporary file.
     """
     path = latest_path(settings, run_id, instance_id, kind)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    runs.make_folders(path.parent)
     payload = {
         kind: {k: v.detach().clone() for k, v in tensors.items()},
         "run_id": run_id,

@@ -224,7 +224,7 @@ def evaluated_model(
         )
     if settings.personalisation == "local-head":
         path = model_path(settings, run_id, instance_id)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        runs.make_folders(path.parent)
         runs.save_torch(model.state_dict(), path)
         log.info("%s: own model (shared body + own head) saved to %s", instance_id, path)
     return model

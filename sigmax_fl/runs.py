@@ -40,11 +40,13 @@ def create_run_dir(outputs_dir: str, run_name: str, run_id: int) -> Path:
     """A new folder per run; a name already used gets a numeric suffix, never overwritten."""
     root = outputs_root(outputs_dir)
     name = run_name or time.strftime("run-%Y%m%d-%H%M%S", time.gmtime()) + f"-{run_id}"
+    make_folders(root)
     path, k = root / name, 1
     while path.exists():
         k += 1
         path = root / f"{name}-{k}"
-    path.mkdir(parents=True)
+    path.mkdir()
+    sync_folder(root)
     return path
 
 
@@ -111,18 +113,42 @@ def write_durably(path: Path, write: Callable[[BinaryIO], object]) -> None:
 
 
 def rename_durably(tmp: Path, path: Path) -> None:
-    """Rename a file already on disk onto ``path`` and fsync the folder, so the name is too.
-
-    Windows cannot open a folder to sync it, and leaves the rename to its file system.
-    """
+    """Rename a file already on disk onto ``path`` and fsync the folder, so the name is too."""
     os.replace(tmp, path)
+    sync_folder(path.parent)
+
+
+def make_folders(path: Path) -> Path:
+    """``mkdir -p`` whose new folders survive a power cut: each one's parent is fsynced.
+
+    Syncing a folder keeps the names in it (:func:`rename_durably`), but a folder's own name
+    lives in its parent: a run folder made just before a cut, with its first checkpoint synced
+    inside, could otherwise be gone after it on a file system that does not order metadata
+    writes itself. A folder that exists costs one ``stat``.
+    """
+    missing = []
+    folder = path
+    while not folder.is_dir():
+        missing.append(folder)
+        folder = folder.parent
+    for folder in reversed(missing):
+        folder.mkdir(exist_ok=True)  # another writer may have made it meanwhile
+        sync_folder(folder.parent)
+    return path
+
+
+def sync_folder(folder: Path) -> None:
+    """Sync a folder (``fsync``), so that the names in it are on disk.
+
+    Windows cannot open a folder to sync it, and leaves that to its file system.
+    """
     if os.name == "nt":
         return
-    folder = os.open(path.parent, os.O_RDONLY)
+    handle = os.open(folder, os.O_RDONLY)
     try:
-        os.fsync(folder)
+        os.fsync(handle)
     finally:
-        os.close(folder)
+        os.close(handle)
 
 
 def write_json(path: Path, payload: Any) -> None:
@@ -188,8 +214,7 @@ def _append_lines(path: Path, lines: list[str]) -> None:
 
 def write_checkpoint(run_dir: Path, server_round: int, payload: dict[str, Any], keep: int) -> Path:
     """Save one round's server state atomically and keep only the newest ``keep`` files."""
-    folder = run_dir / CHECKPOINTS
-    folder.mkdir(exist_ok=True)
+    folder = make_folders(run_dir / CHECKPOINTS)
     path = folder / f"round-{server_round:05d}.pt"
     save_torch({"format": CHECKPOINT_FORMAT, **payload}, path)
     for old in sorted(folder.glob("round-*.pt"))[: -keep or None] if keep else []:

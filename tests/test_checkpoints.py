@@ -15,6 +15,7 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -215,9 +216,12 @@ for server_round in (1, 2):
 """
 
 
-STRACE = ["strace", "-f", "-y", "-e", "trace=fsync,?rename,renameat,?renameat2,?unlink,unlinkat"]
-"""The calls that write a file durably and delete one (``?``: not every architecture has the
-older ones); ``-y`` prints the path behind each file descriptor."""
+STRACE = [
+    "strace", "-f", "-y", "-e",
+    "trace=fsync,?rename,renameat,?renameat2,?unlink,unlinkat,?mkdir,mkdirat",
+]  # fmt: skip
+"""The calls that write a file or folder durably and delete one (``?``: not every architecture
+has the older ones); ``-y`` prints the path behind each file descriptor."""
 
 
 def _can_trace() -> bool:
@@ -228,14 +232,12 @@ def _can_trace() -> bool:
     return probe.returncode == 0
 
 
-def test_a_new_checkpoint_is_on_disk_before_the_older_one_is_deleted(tmp_path: Path) -> None:
+def _traced(script: str, argument: Path, trace: Path) -> Callable[[str, int], int]:
+    """Run ``script`` under strace; a finder of the first call matching a pattern after another."""
     if not _can_trace():  # checked here, not at collection: every test worker collects
         pytest.skip("needs strace, allowed to trace, to see syscalls")
-
-    # Execute: round 2's checkpoint replaces round 1's (keep-checkpoints = 1), under strace
-    trace = tmp_path / "trace.txt"
-    command = [*STRACE, "-o", str(trace), sys.executable, "-c", WRITE_TWO_CHECKPOINTS]
-    done = subprocess.run([*command, str(tmp_path)], cwd=ROOT, capture_output=True, timeout=120)
+    command = [*STRACE, "-o", str(trace), sys.executable, "-c", script, str(argument)]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, timeout=120)
     assert done.returncode == 0, done.stderr.decode(errors="replace")
     calls = [re.sub(r"^\d+\s+", "", line) for line in trace.read_text().splitlines()]
 
@@ -244,9 +246,52 @@ def test_a_new_checkpoint_is_on_disk_before_the_older_one_is_deleted(tmp_path: P
         assert found, f"no {pattern!r} after call {after} in:\n" + "\n".join(calls)
         return found[0]
 
+    return first
+
+
+def test_a_new_checkpoint_is_on_disk_before_the_older_one_is_deleted(tmp_path: Path) -> None:
+    # Execute: round 2's checkpoint replaces round 1's (keep-checkpoints = 1), under strace
+    first = _traced(WRITE_TWO_CHECKPOINTS, tmp_path, tmp_path / "trace.txt")
+
     # Assert: the file's bytes, then its name, then the old file's removal, in that order
     synced = first(r"^fsync\(\d+<[^>]*/checkpoints/\.round-00002\.pt\.\w+\.tmp>\)")
     renamed = first(r"^rename(at2?)?\(.*\.tmp\", .*/checkpoints/round-00002\.pt\"", synced)
     folder_synced = first(r"^fsync\(\d+<[^>]*/checkpoints>\)", renamed)
     first(r"^unlink(at)?\(.*/checkpoints/round-00001\.pt\"", folder_synced)
     assert sorted(p.name for p in (tmp_path / runs.CHECKPOINTS).iterdir()) == ["round-00002.pt"]
+
+
+FIRST_CHECKPOINT_OF_A_NEW_RUN = """
+import sys
+import torch
+from sigmax_fl import runs
+run_dir = runs.create_run_dir(sys.argv[1], "fresh", 1)
+runs.write_checkpoint(run_dir, 1, {"w": torch.zeros(3)}, keep=1)
+"""
+
+
+def test_a_new_run_folder_is_on_disk_with_the_folders_above_it(tmp_path: Path) -> None:
+    # Execute: a run's first checkpoint, in an outputs folder that does not exist yet
+    outputs = tmp_path / "new" / "outputs"
+    first = _traced(FIRST_CHECKPOINT_OF_A_NEW_RUN, outputs, tmp_path / "trace.txt")
+
+    # Assert: each new folder's name is synced into its parent before anything is written in it
+    made = -1
+    for folder in (outputs.parent, outputs, outputs / "fresh", outputs / "fresh" / "checkpoints"):
+        made = first(rf'^mkdir(at)?\(.*"{re.escape(str(folder))}"', made)
+        made = first(rf"^fsync\(\d+<{re.escape(str(folder.parent))}>\)", made)
+    renamed = first(r'^rename(at2?)?\(.*\.tmp", .*/checkpoints/round-00001\.pt"', made)
+    first(rf"^fsync\(\d+<{re.escape(str(outputs / 'fresh' / 'checkpoints'))}>\)", renamed)
+    assert (outputs / "fresh" / runs.CHECKPOINTS / "round-00001.pt").is_file()
+
+
+def test_a_file_where_a_folder_should_be_is_named(tmp_path: Path) -> None:
+    # Prepare: outputs-dir points below a file
+    blocker = tmp_path / "outputs"
+    blocker.write_text("not a folder")
+
+    # Execute / Assert: refused, naming the file; nothing created, the file as it was
+    with pytest.raises(FileExistsError, match=re.escape(str(blocker))):
+        runs.create_run_dir(str(blocker / "runs"), "r", 1)
+    assert blocker.read_text() == "not a folder"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["outputs"]
