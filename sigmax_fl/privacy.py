@@ -58,7 +58,6 @@ import json
 import math
 import os
 import secrets
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -68,6 +67,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
+from sigmax_fl import runs
 from sigmax_fl.task import make_optimizer
 
 Relation = Literal["add-or-remove-one", "replace-one"]
@@ -585,35 +585,16 @@ def load_local_accountant(path: str | os.PathLike[str]) -> LocalAccountant:
 
 
 def save_local_accountant(path: str | os.PathLike[str], acc: LocalAccountant) -> None:
-    """Write ``acc`` to ``path`` atomically (temp file, fsync, rename, fsync the directory).
+    """Write ``acc`` to ``path`` durably (:func:`sigmax_fl.runs.write_durably`).
 
     A crash leaves either the old ledger or the new one, never a torn file. Save *before* the
     round's update leaves the instance: an update sent but not accounted is privacy spent
     without a record.
     """
     file = Path(path)
-    file.parent.mkdir(parents=True, exist_ok=True)
+    runs.make_folders(file.parent)
     text = json.dumps(acc.state_dict(), indent=1)
-    fd, tmp = tempfile.mkstemp(prefix=f".{file.name}.", suffix=".tmp", dir=file.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            out.write(text)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, file)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    try:
-        dir_fd = os.open(file.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
+    runs.write_durably(file, lambda handle: handle.write(text.encode("utf-8")))
 
 
 # --------------------------------------------------------------------------------------------
