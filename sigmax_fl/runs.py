@@ -77,13 +77,6 @@ def temporary(path: Path) -> Path:
     return path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
 
 
-def write_text(path: Path, text: str) -> None:
-    """Write-then-rename (:func:`temporary`)."""
-    tmp = temporary(path)
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def save_torch(obj: Any, path: Path) -> Path:
     """``torch.save``, on disk before it counts (:func:`write_durably`).
 
@@ -152,8 +145,13 @@ def sync_folder(folder: Path) -> None:
 
 
 def write_json(path: Path, payload: Any) -> None:
-    """Write-then-rename, so a reader never sees half a file."""
-    write_text(path, json.dumps(payload, indent=1, default=str))
+    """JSON, written durably (:func:`write_durably`).
+
+    A reader never sees half a file, and a finished run's summary and history survive a power
+    cut as its final model does.
+    """
+    text = json.dumps(payload, indent=1, default=str)
+    write_durably(path, lambda handle: handle.write(text.encode("utf-8")))
 
 
 def append_history(run_dir: Path, record: dict[str, Any]) -> str:

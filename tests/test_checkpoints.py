@@ -267,10 +267,11 @@ import torch
 from sigmax_fl import runs
 run_dir = runs.create_run_dir(sys.argv[1], "fresh", 1)
 runs.write_checkpoint(run_dir, 1, {"w": torch.zeros(3)}, keep=1)
+runs.write_json(run_dir / "summary.json", {"rounds_run": 1})
 """
 
 
-def test_a_new_run_folder_is_on_disk_with_the_folders_above_it(tmp_path: Path) -> None:
+def test_a_new_run_folder_and_its_files_are_on_disk_with_its_parents(tmp_path: Path) -> None:
     # Execute: a run's first checkpoint, in an outputs folder that does not exist yet
     outputs = tmp_path / "new" / "outputs"
     first = _traced(FIRST_CHECKPOINT_OF_A_NEW_RUN, outputs, tmp_path / "trace.txt")
@@ -283,6 +284,11 @@ def test_a_new_run_folder_is_on_disk_with_the_folders_above_it(tmp_path: Path) -
     renamed = first(r'^rename(at2?)?\(.*\.tmp", .*/checkpoints/round-00001\.pt"', made)
     first(rf"^fsync\(\d+<{re.escape(str(outputs / 'fresh' / 'checkpoints'))}>\)", renamed)
     assert (outputs / "fresh" / runs.CHECKPOINTS / "round-00001.pt").is_file()
+    # ... and a run's JSON files are written as durably as its checkpoints
+    synced = first(r"^fsync\(\d+<[^>]*/fresh/\.summary\.json\.\w+\.tmp>\)", renamed)
+    renamed = first(r'^rename(at2?)?\(.*\.tmp", .*/fresh/summary\.json"', synced)
+    first(rf"^fsync\(\d+<{re.escape(str(outputs / 'fresh'))}>\)", renamed)
+    assert json.loads((outputs / "fresh" / "summary.json").read_text()) == {"rounds_run": 1}
 
 
 def test_a_file_where_a_folder_should_be_is_named(tmp_path: Path) -> None:
