@@ -5,8 +5,8 @@ while it is in a register. With torch ops, each value goes through three ops (de
 square for the norm, its weighted sum), each a separate sweep through the caches, and a large
 model's pass ran at 2-3x the time it takes to read the replies. Here one loop reads
 ``w_k - w_global`` once and feeds the squared norm and the weighted sum from it, eight replies
-at a time per register tile, :data:`THREADS` threads taking runs of :data:`CHUNK` tiles from
-one shared counter (ctypes releases the GIL).
+at a time per register tile, :data:`THREADS` threads taking runs of up to :data:`CHUNK` tiles
+from one shared counter (ctypes releases the GIL).
 
 The source below travels inside the package (so inside Flower's FAB); ``cc`` (or ``$CC``)
 builds it into a private temporary directory once per process, and only for models of at

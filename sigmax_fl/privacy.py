@@ -585,16 +585,17 @@ def load_local_accountant(path: str | os.PathLike[str]) -> LocalAccountant:
 
 
 def save_local_accountant(path: str | os.PathLike[str], acc: LocalAccountant) -> None:
-    """Write ``acc`` to ``path`` durably (:func:`sigmax_fl.runs.write_durably`).
+    """Write ``acc`` to ``path`` durably (:func:`sigmax_fl.runs.write_durably`), owner-only.
 
     A crash leaves either the old ledger or the new one, never a torn file. Save *before* the
     round's update leaves the instance: an update sent but not accounted is privacy spent
-    without a record.
+    without a record. Its sampling rate tells the instance's number of rows: other users of
+    the machine may not read it.
     """
     file = Path(path)
     runs.make_folders(file.parent)
     text = json.dumps(acc.state_dict(), indent=1)
-    runs.write_durably(file, lambda handle: handle.write(text.encode("utf-8")))
+    runs.write_durably(file, lambda handle: handle.write(text.encode("utf-8")), mode=0o600)
 
 
 # --------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ the checkout's ``outputs/`` (see :mod:`sigmax_fl.paths`).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -42,12 +43,15 @@ def create_run_dir(outputs_dir: str, run_name: str, run_id: int) -> Path:
     name = run_name or time.strftime("run-%Y%m%d-%H%M%S", time.gmtime()) + f"-{run_id}"
     make_folders(root)
     path, k = root / name, 1
-    while path.exists():
-        k += 1
-        path = root / f"{name}-{k}"
-    path.mkdir()
-    sync_folder(root)
-    return path
+    while True:
+        try:
+            path.mkdir()  # not exists() first: two runs of one name must not take one folder
+        except FileExistsError:
+            k += 1
+            path = root / f"{name}-{k}"
+        else:
+            sync_folder(root)
+            return path
 
 
 RUN_KEY_FILE = "run-key"
@@ -88,21 +92,23 @@ def save_torch(obj: Any, path: Path) -> Path:
     return path
 
 
-def write_durably(path: Path, write: Callable[[BinaryIO], object]) -> None:
+def write_durably(path: Path, write: Callable[[BinaryIO], object], mode: int = 0o666) -> None:
     """``write`` into a temporary file, fsync it, rename it onto ``path``, fsync the folder.
 
-    A temporary file cut short (a full disk) is removed.
+    ``mode`` is the new file's permissions before the umask (0o600: its owner's alone). A
+    temporary file left by a failure (a full disk, a rename refused) is removed.
     """
     tmp = temporary(path)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)  # no \r\n on Windows
     try:
-        with tmp.open("wb") as handle:
+        with os.fdopen(os.open(tmp, flags, mode), "wb") as handle:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
+        rename_durably(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    rename_durably(tmp, path)
 
 
 def rename_durably(tmp: Path, path: Path) -> None:
@@ -122,6 +128,8 @@ def make_folders(path: Path) -> Path:
     missing = []
     folder = path
     while not folder.is_dir():
+        if folder.parent == folder:  # a missing drive or share (Windows) is its own parent
+            raise FileNotFoundError(errno.ENOENT, "no such drive or share", str(folder))
         missing.append(folder)
         folder = folder.parent
     for folder in reversed(missing):
@@ -133,13 +141,18 @@ def make_folders(path: Path) -> Path:
 def sync_folder(folder: Path) -> None:
     """Sync a folder (``fsync``), so that the names in it are on disk.
 
-    Windows cannot open a folder to sync it, and leaves that to its file system.
+    Windows cannot open a folder to sync it, and leaves that to its file system; so do file
+    systems whose folders do not support syncing (EINVAL): their writes are as durable as
+    they make them.
     """
     if os.name == "nt":
         return
     handle = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(handle)
+    except OSError as err:
+        if err.errno != errno.EINVAL:
+            raise
     finally:
         os.close(handle)
 

@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -301,3 +302,28 @@ def test_a_file_where_a_folder_should_be_is_named(tmp_path: Path) -> None:
         runs.create_run_dir(str(blocker / "runs"), "r", 1)
     assert blocker.read_text() == "not a folder"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["outputs"]
+
+
+def test_a_refused_rename_leaves_the_target_and_no_temporary_file(tmp_path: Path) -> None:
+    # Prepare: a folder where the file should go, so the rename onto it fails
+    target = tmp_path / "summary.json"
+    target.mkdir()
+    (target / "kept").write_text("x")
+
+    # Execute / Assert: the rename's error; the folder as it was, no temporary file beside it
+    with pytest.raises(OSError):
+        runs.write_json(target, {"rounds_run": 1})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]
+    assert (target / "kept").read_text() == "x"
+
+
+def test_runs_started_at_once_under_one_name_get_folders_of_their_own(tmp_path: Path) -> None:
+    # Execute: eight runs named alike make their folders at the same time
+    outputs = tmp_path / "outputs"
+    with ThreadPoolExecutor(8) as pool:
+        made = list(pool.map(lambda _: runs.create_run_dir(str(outputs), "same", 1), range(8)))
+
+    # Assert: the name, then its numbered successors, each folder given to one run only
+    expected = ["same", *(f"same-{k}" for k in range(2, 9))]
+    assert sorted(p.name for p in made) == sorted(expected)
+    assert sorted(p.name for p in outputs.iterdir()) == sorted(expected)

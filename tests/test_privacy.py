@@ -8,6 +8,8 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
+import stat
 
 import numpy as np
 import pytest
@@ -162,6 +164,8 @@ def test_local_accountant_persists_atomically_on_disk(tmp_path) -> None:
     assert again.steps == 615
     assert again.epsilon(1e-5) == acc.epsilon(1e-5) > 0
     assert sorted(p.name for p in path.parent.iterdir()) == [path.name]  # no temp file left
+    if os.name == "posix":  # its sampling rate tells the instance's row count: owner-only
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
     path.write_text("{not json")
     with pytest.raises(ValueError, match="unreadable privacy ledger"):
         load_local_accountant(path)
