@@ -585,7 +585,7 @@ def load_local_accountant(path: str | os.PathLike[str]) -> LocalAccountant:
 
 
 def save_local_accountant(path: str | os.PathLike[str], acc: LocalAccountant) -> None:
-    """Write ``acc`` to ``path`` durably (:func:`sigmax_fl.runs.write_durably`), owner-only.
+    """Write ``acc`` to ``path`` durably (:func:`sigmax_fl.runs.write_text`), owner-only.
 
     A crash leaves either the old ledger or the new one, never a torn file. Save *before* the
     round's update leaves the instance: an update sent but not accounted is privacy spent
@@ -594,8 +594,7 @@ def save_local_accountant(path: str | os.PathLike[str], acc: LocalAccountant) ->
     """
     file = Path(path)
     runs.make_folders(file.parent)
-    text = json.dumps(acc.state_dict(), indent=1)
-    runs.write_durably(file, lambda handle: handle.write(text.encode("utf-8")), mode=0o600)
+    runs.write_text(file, json.dumps(acc.state_dict(), indent=1), mode=0o600)
 
 
 # --------------------------------------------------------------------------------------------

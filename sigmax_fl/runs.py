@@ -67,8 +67,7 @@ def run_key(run_dir: Path) -> str:
     """
     path = run_dir / RUN_KEY_FILE
     if not path.is_file():  # on disk before any instance keeps state under it
-        key = uuid.uuid4().hex[:12]
-        write_durably(path, lambda handle: handle.write(key.encode()))
+        write_text(path, uuid.uuid4().hex[:12])
     return f"{run_dir.name}-{path.read_text().strip()}"
 
 
@@ -109,6 +108,11 @@ def write_durably(path: Path, write: Callable[[BinaryIO], object], mode: int = 0
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_text(path: Path, text: str, mode: int = 0o666) -> None:
+    """UTF-8 text, written durably (:func:`write_durably`, ``mode`` as there)."""
+    write_durably(path, lambda handle: handle.write(text.encode("utf-8")), mode)
 
 
 def rename_durably(tmp: Path, path: Path) -> None:
@@ -163,8 +167,7 @@ def write_json(path: Path, payload: Any) -> None:
     A reader never sees half a file, and a finished run's summary and history survive a power
     cut as its final model does.
     """
-    text = json.dumps(payload, indent=1, default=str)
-    write_durably(path, lambda handle: handle.write(text.encode("utf-8")))
+    write_text(path, json.dumps(payload, indent=1, default=str))
 
 
 def append_history(run_dir: Path, record: dict[str, Any]) -> str:
@@ -386,6 +389,5 @@ def _audit_up_to(checkpoint: Path, path: Path, server_round: int) -> list[str] |
 
 
 def _replace_lines(path: Path, lines: list[str]) -> None:
-    """Write a file's lines anew, durably (:func:`write_durably`)."""
-    text = "".join(line + "\n" for line in lines)
-    write_durably(path, lambda handle: handle.write(text.encode()))
+    """Write a file's lines anew, durably (:func:`write_text`)."""
+    write_text(path, "".join(line + "\n" for line in lines))
