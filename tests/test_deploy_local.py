@@ -26,6 +26,7 @@ from sigmax_fl.deploy import flwr_cli
 from sigmax_fl.deploy.credentials import ensure_credentials, write_node_key
 from sigmax_fl.deploy.flwr_cli import (
     FINISHED_OK,
+    HTTP_API_LISTENING,
     SIMULATION_RAY_ENV,
     SUPERNODE_CONNECTED,
     FlwrError,
@@ -345,6 +346,28 @@ def test_superlink_port_collision_is_reported_or_retried(
 
     assert link.port != busy
     assert link.process.returncode is None
+
+
+@pytest.mark.integration
+def test_supernode_port_collision_is_retried_even_when_refusal_is_expected(
+    supervisor: Supervisor, home: FlwrHome, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A node started without waiting for its connection (one the SuperLink may refuse)
+    # used to be handed back at once; a taken Runtime API port then passed for a refusal
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy, spare = taken.getsockname()[1], free_port()
+        ports = iter([busy, spare])
+        monkeypatch.setattr(flwr_cli, "free_port", lambda host="127.0.0.1": next(ports))
+        node = start_supernode(
+            supervisor, home, "127.0.0.1:1", {}, insecure=True,
+            max_retries=1, name="refusable", wait_connected=False,
+        )  # fmt: skip
+
+    log_text = node.log_text()
+    assert f"{HTTP_API_LISTENING} http://127.0.0.1:{spare}" in log_text
+    assert "address already in use" not in log_text
 
 
 @pytest.mark.integration

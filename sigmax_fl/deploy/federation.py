@@ -345,7 +345,11 @@ class SuperNodeRunner:
         return 0
 
     def stop(self) -> None:
-        """Ask :meth:`run` to stop its SuperNode and return (it does so within 0.2 s)."""
+        """Ask :meth:`run` to stop its SuperNode and return.
+
+        It does so within 0.2 s, or, while a SuperNode is being started, once that
+        node has bound its Runtime API port (seconds: Flower's imports).
+        """
         self._stop.set()
 
     def _follow(self, process: ManagedProcess) -> int:

@@ -58,8 +58,8 @@ FINISHED_OK = "finished:completed"
 SUPERNODE_CONNECTED = "SuperNode ID:"
 """Log line a SuperNode prints once the SuperLink has accepted it."""
 
-SUPERLINK_LISTENING = "Uvicorn running on"
-"""Log line the SuperLink prints once its HTTP APIs are bound."""
+HTTP_API_LISTENING = "Uvicorn running on"
+"""Log line the SuperLink and each SuperNode print once their Runtime HTTP API is bound."""
 
 _ADDRESS_IN_USE = re.compile(r"address already in use", re.IGNORECASE)
 _CONFIG_KEY = re.compile(r"^[A-Za-z0-9_.-]+$")
@@ -701,7 +701,7 @@ def start_superlink(
         lambda chosen: [*argv, "--port", str(chosen)],
         home,
         ready=lambda proc, chosen: (
-            proc.wait_for_log(SUPERLINK_LISTENING, timeout),
+            proc.wait_for_log(HTTP_API_LISTENING, timeout),
             proc.wait_for_port(chosen, host, timeout),
         ),
         host=host,
@@ -753,10 +753,10 @@ def start_supernode(
         Name for errors and the log file.
     wait_connected : bool
         Wait until the SuperLink has accepted the node (its log shows its node
-        id). Pass False for a node expected to be refused, then
-        :meth:`ManagedProcess.wait` for its exit.
+        id). Pass False for a node expected to be refused: it is then waited for
+        only until its Runtime API is bound; :meth:`ManagedProcess.wait` for its exit.
     timeout : float
-        Seconds to wait for the connection.
+        Seconds to wait for the connection, or for the bind.
 
     Returns
     -------
@@ -786,10 +786,11 @@ def start_supernode(
 
     def ready(process: ManagedProcess, chosen: int) -> None:
         # The node binds its Runtime API port first (exiting with "address
-        # already in use" if taken), then contacts the SuperLink.
+        # already in use" if taken), then contacts the SuperLink. A node that may
+        # be refused is still waited for until it is bound, so that a taken port
+        # is retried instead of passing for the SuperLink's refusal.
         del chosen
-        if wait_connected:
-            process.wait_for_log(SUPERNODE_CONNECTED, timeout)
+        process.wait_for_log(SUPERNODE_CONNECTED if wait_connected else HTTP_API_LISTENING, timeout)
 
     process, _ = _start_on_free_port(
         supervisor,
