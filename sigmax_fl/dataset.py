@@ -20,6 +20,7 @@ import numpy as np
 from sigmax_fl.data import DataError, DataSource, source_digest
 from sigmax_fl.data.sources import split_asset
 from sigmax_fl.features import FEATURE_VERSION, Calendar, Scaler, make_features
+from sigmax_fl.paths import create_private
 
 if TYPE_CHECKING:
     from sigmax_fl.settings import Settings
@@ -217,11 +218,14 @@ def load_instance(
         data = build(source, recipe)
         folder.mkdir(parents=True, exist_ok=True)
         # Write-then-rename: a crash mid-write leaves no half cache for the next process.
+        # Owner-only (paths.PRIVATE): the features are the instance's market data.
         tmp = folder / f".{key}.{os.getpid()}.tmp.npz"
-        np.savez(tmp, **data.arrays)
+        with create_private(tmp) as handle:
+            np.savez(handle, **data.arrays)
         os.replace(tmp, npz)
         tmp_meta = folder / f".{key}.{os.getpid()}.tmp.json"
-        tmp_meta.write_text(json.dumps(data.report, indent=1))
+        with create_private(tmp_meta) as handle:
+            handle.write(json.dumps(data.report, indent=1).encode("utf-8"))
         os.replace(tmp_meta, meta)
         log.info("%s: features built and cached in %s", source.instance_id, npz)
     _MEMORY[key] = data

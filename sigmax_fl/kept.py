@@ -38,6 +38,7 @@ import torch
 
 from sigmax_fl import runs
 from sigmax_fl.dataset import default_cache_dir
+from sigmax_fl.paths import PRIVATE
 from sigmax_fl.settings import Settings
 
 Tensors = dict[str, torch.Tensor]
@@ -100,13 +101,13 @@ def save(
     this_round = round_path(settings, run_id, instance_id, kind, server_round)
     with _turn(path.parent):
         newer = [r for r in kept_rounds(settings, run_id, instance_id, kind) if r > server_round]
-        runs.save_torch(payload, this_round)
+        runs.save_torch(payload, this_round, PRIVATE)
         if not newer:  # a late message of an earlier round does not replace the newest state
             tmp = runs.temporary(path)
             try:
                 os.link(this_round, tmp)
             except OSError:  # no hard links here (some network or FAT file systems): a copy
-                runs.save_torch(payload, path)
+                runs.save_torch(payload, path, PRIVATE)
             else:
                 runs.rename_durably(tmp, path)
         keep = settings.keep_checkpoints + 1 if settings.keep_checkpoints else 0
@@ -121,17 +122,21 @@ def _turn(folder: Path) -> Iterator[None]:
     """Hold the instance folder's lock while saving.
 
     Two messages of one instance (a late one of an earlier round, and the next round's) then
-    save one after the other. Without ``fcntl`` (Windows), no lock.
+    save one after the other. Without ``fcntl`` (Windows), no lock. The lock file is
+    :data:`PRIVATE` too: another user who could open it could hold it and stall every save.
     """
     if fcntl is None:
         yield
         return
-    with open(folder / ".lock", "a") as lock:
+    lock = os.open(folder / ".lock", os.O_WRONLY | os.O_CREAT, PRIVATE)
+    try:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             yield
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+    finally:
+        os.close(lock)
 
 
 @dataclass

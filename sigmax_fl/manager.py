@@ -53,6 +53,7 @@ from sigmax_fl.deploy.env import (
 from sigmax_fl.deploy.federation import RunOutcome, Server, SuperNodeRunner
 from sigmax_fl.deploy.flwr_cli import ConfigValue, FlwrError
 from sigmax_fl.model import MODELS
+from sigmax_fl.paths import create_private
 from sigmax_fl.settings import ConfigError, Settings
 
 log = logging.getLogger("sigmax_fl.manager")
@@ -254,7 +255,7 @@ def _write_private(path: Path, **arrays: np.ndarray) -> None:
     """Write-then-rename an ``.npz`` readable by this user only (it is trading data)."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
-    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as handle:
+    with create_private(tmp) as handle:
         np.savez(handle, **arrays)
     os.replace(tmp, path)
 

@@ -1,4 +1,4 @@
-"""Where the project's ``data/`` and ``outputs/`` folders are, wherever the code runs from.
+"""Where the project's ``data/`` and ``outputs/`` folders are, and how private files are made.
 
 Flower runs the ServerApp and ClientApps from the installed app bundle (FAB), which holds only
 Python and TOML files, in the SuperLink's working directory. So the checkout is found, in this
@@ -9,12 +9,27 @@ the source folder of the editable install that pip recorded in ``direct_url.json
 from __future__ import annotations
 
 import json
+import os
 from functools import cache
 from importlib import metadata
 from pathlib import Path
+from typing import BinaryIO
 from urllib.parse import unquote, urlparse
 
 DISTRIBUTION = "sigmax-fl"
+
+PRIVATE = 0o600
+"""Mode of the files an instance derives from its own data (feature cache, kept state, own
+model, DP ledger): readable by their owner alone, like the market and trading data itself."""
+
+
+def create_private(path: Path) -> BinaryIO:
+    """Open ``path`` for writing as a new or emptied file with mode :data:`PRIVATE`.
+
+    The mode is set as the file is created, so no other user can open it in between.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0)
+    return os.fdopen(os.open(path, flags, PRIVATE), "wb")
 
 
 @cache

@@ -68,6 +68,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from sigmax_fl import runs
+from sigmax_fl.paths import PRIVATE
 from sigmax_fl.task import make_optimizer
 
 Relation = Literal["add-or-remove-one", "replace-one"]
@@ -594,7 +595,7 @@ def save_local_accountant(path: str | os.PathLike[str], acc: LocalAccountant) ->
     """
     file = Path(path)
     runs.make_folders(file.parent)
-    runs.write_text(file, json.dumps(acc.state_dict(), indent=1), mode=0o600)
+    runs.write_text(file, json.dumps(acc.state_dict(), indent=1), mode=PRIVATE)
 
 
 # --------------------------------------------------------------------------------------------

@@ -80,21 +80,21 @@ def temporary(path: Path) -> Path:
     return path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
 
 
-def save_torch(obj: Any, path: Path) -> Path:
-    """``torch.save``, on disk before it counts (:func:`write_durably`).
+def save_torch(obj: Any, path: Path, mode: int = 0o666) -> Path:
+    """``torch.save``, on disk before it counts (:func:`write_durably`, ``mode`` as there).
 
     Checkpoints and what instances keep are what a resume starts from, and older ones are
     deleted once a new one is written: renamed but not synced, a power cut could leave the new
     file empty with the old ones already gone.
     """
-    write_durably(path, lambda handle: torch.save(obj, handle))
+    write_durably(path, lambda handle: torch.save(obj, handle), mode)
     return path
 
 
 def write_durably(path: Path, write: Callable[[BinaryIO], object], mode: int = 0o666) -> None:
     """``write`` into a temporary file, fsync it, rename it onto ``path``, fsync the folder.
 
-    ``mode`` is the new file's permissions before the umask (0o600: its owner's alone). A
+    ``mode`` is the new file's permissions before the umask (``paths.PRIVATE``: its owner's). A
     temporary file left by a failure (a full disk, a rename refused) is removed.
     """
     tmp = temporary(path)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import shutil
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -392,6 +394,29 @@ def test_an_instance_that_lost_its_residual_restarts_it_from_zero_and_says_so(
     assert len(said) == 1 and said[0].startswith(f"{instance}: no update-encoding residual")
     assert "before round 3" in said[0] and "starts from zero" in said[0]
     assert any(not torch.equal(unbroken[k], resumed[k]) for k in unbroken)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
+def test_what_an_instance_derives_from_its_data_is_readable_by_its_owner_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: a umask that leaves new files readable by every user of the machine; data no
+    # other test uses, so that its features are not already cached in this process's memory
+    config = _encoded_run(tmp_path, "int8", monkeypatch)
+    config["data-sources"] = "synthetic:2:seed=97:start=2018-01-01:end=2019-12-31"
+    umask = os.umask(0o022)
+
+    # Execute
+    try:
+        in_process_run({**config, "run-name": "modes", "num-server-rounds": 2}, 2)
+    finally:
+        os.umask(umask)
+
+    # Assert: its feature cache and the residuals it keeps are its owner's alone
+    files = [p for p in (tmp_path / "instances").rglob("*") if p.is_file()]
+    assert {".npz", ".json", ".pt", ""} == {p.suffix for p in files}  # "": the lock file
+    modes = {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in files}
+    assert modes == dict.fromkeys(modes, oct(0o600))
 
 
 def test_two_runs_of_one_name_keep_their_state_apart_on_the_instances(

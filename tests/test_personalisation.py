@@ -10,6 +10,8 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -188,6 +190,18 @@ def test_head_file_changes_every_round_and_the_instance_evaluates_with_it(
         assert task.evaluate(model, X, y)["loss"] == pytest.approx(reported, rel=1e-9)
         model.load_state_dict({**own, **personal.fresh_head("trading-mlp", 42, instance)})
         assert task.evaluate(model, X, y)["loss"] != pytest.approx(reported, rel=1e-3)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
+def test_heads_and_own_models_are_readable_by_their_instance_owner_alone(
+    local_head: tuple[RecordingGrid, Path],
+) -> None:
+    grid, _ = local_head
+    for instance in INSTANCES:
+        folder = kept.instance_dir(on_instances(grid.settings), grid.run.run_id, instance)
+        modes = {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in folder.iterdir()}
+        assert {"head.pt", "model.pt"} <= modes.keys()
+        assert modes == dict.fromkeys(modes, oct(0o600))
 
 
 def test_a_stored_head_is_reloaded_and_used_by_the_next_round(
