@@ -26,10 +26,18 @@ model, DP ledger): readable by their owner alone, like the market and trading da
 def create_private(path: Path) -> BinaryIO:
     """Open ``path`` for writing as a new or emptied file with mode :data:`PRIVATE`.
 
-    The mode is set as the file is created, so no other user can open it in between.
+    The mode is set as the file is created, so no other user can open it in between, and
+    again on a file that was already there (a temporary file left by an older version).
     """
     flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0)
-    return os.fdopen(os.open(path, flags, PRIVATE), "wb")
+    handle = os.open(path, flags, PRIVATE)
+    try:
+        if hasattr(os, "fchmod"):  # POSIX; Windows has no such modes
+            os.fchmod(handle, PRIVATE)
+        return os.fdopen(handle, "wb")
+    except BaseException:
+        os.close(handle)
+        raise
 
 
 @cache

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import subprocess
 import sys
 from collections.abc import Callable
@@ -23,6 +24,7 @@ import pytest
 import torch
 
 from sigmax_fl import runs
+from sigmax_fl.paths import create_private
 
 from .conftest import ROOT, in_process_run, small_run
 
@@ -327,3 +329,19 @@ def test_runs_started_at_once_under_one_name_get_folders_of_their_own(tmp_path: 
     expected = ["same", *(f"same-{k}" for k in range(2, 9))]
     assert sorted(p.name for p in made) == sorted(expected)
     assert sorted(p.name for p in outputs.iterdir()) == sorted(expected)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
+def test_a_private_file_already_there_is_made_owner_only_too(tmp_path: Path) -> None:
+    # Prepare: a temporary file of the same name, left readable by all by an older version
+    path = tmp_path / ".instance.123.tmp.npz"
+    path.write_bytes(b"older and longer")
+    path.chmod(0o644)
+
+    # Execute
+    with create_private(path) as handle:
+        handle.write(b"new")
+
+    # Assert
+    assert path.read_bytes() == b"new"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600

@@ -413,9 +413,10 @@ def test_what_an_instance_derives_from_its_data_is_readable_by_its_owner_alone(
         os.umask(umask)
 
     # Assert: its feature cache and the residuals it keeps are its owner's alone
-    files = [p for p in (tmp_path / "instances").rglob("*") if p.is_file()]
-    assert {".npz", ".json", ".pt", ""} == {p.suffix for p in files}  # "": the lock file
-    modes = {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in files}
+    instances = tmp_path / "instances"
+    files = [p for p in instances.rglob("*") if p.is_file()]
+    assert {".npz", ".json", ".pt", ""} == {p.suffix for p in files}  # "": the lock files
+    modes = {str(p.relative_to(instances)): oct(stat.S_IMODE(p.stat().st_mode)) for p in files}
     assert modes == dict.fromkeys(modes, oct(0o600))
 
 

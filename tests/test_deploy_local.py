@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import sys
@@ -285,6 +286,17 @@ def test_wait_reports_exit_status_and_log_tail(supervisor: Supervisor) -> None:
         child.wait_for_port(free_port(), timeout=20)
 
 
+def test_a_condition_met_just_before_the_exit_is_not_an_exit(supervisor: Supervisor) -> None:
+    # Prepare: a child that says its line and exits, as a refused SuperNode does once bound;
+    # the waiter first looks at the log before the line was there, then finds the child gone
+    child = supervisor.start("brief", [sys.executable, "-c", "print('bound', flush=True)"])
+    child.wait(timeout=20)
+    looks = iter([False])
+
+    # Execute / Assert: it looks again and finds the line
+    child.wait_until(lambda: next(looks, "bound" in child.log_text()), "log 'bound'", 5)
+
+
 SUPERVISED = textwrap.dedent(
     """
     import sys, time
@@ -323,6 +335,14 @@ def test_signal_to_supervising_process_stops_its_children(
 # --- integration: real SuperLinks and SuperNodes ----------------------------------
 
 
+def _busy_port_first(monkeypatch: pytest.MonkeyPatch, busy: int) -> None:
+    """Make the next free port ``flwr_cli`` picks ``busy``, as if taken since, then real ones."""
+    ports = iter([busy])
+    monkeypatch.setattr(
+        flwr_cli, "free_port", lambda host="127.0.0.1": next(ports, 0) or free_port(host)
+    )
+
+
 @pytest.mark.integration
 def test_superlink_port_collision_is_reported_or_retried(
     tmp_path: Path,
@@ -340,8 +360,7 @@ def test_superlink_port_collision_is_reported_or_retried(
             start_superlink(supervisor, home, tmp_path / "a.db", simulation=True, port=busy)
 
         # A free port that got taken meanwhile is replaced by another one
-        ports = iter([busy, free_port()])
-        monkeypatch.setattr(flwr_cli, "free_port", lambda host="127.0.0.1": next(ports))
+        _busy_port_first(monkeypatch, busy)
         link = start_superlink(supervisor, home, tmp_path / "b.db", simulation=True)
 
     assert link.port != busy
@@ -357,16 +376,16 @@ def test_supernode_port_collision_is_retried_even_when_refusal_is_expected(
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        busy, spare = taken.getsockname()[1], free_port()
-        ports = iter([busy, spare])
-        monkeypatch.setattr(flwr_cli, "free_port", lambda host="127.0.0.1": next(ports))
+        busy = taken.getsockname()[1]
+        _busy_port_first(monkeypatch, busy)
         node = start_supernode(
             supervisor, home, "127.0.0.1:1", {}, insecure=True,
             max_retries=1, name="refusable", wait_connected=False,
         )  # fmt: skip
 
     log_text = node.log_text()
-    assert f"{HTTP_API_LISTENING} http://127.0.0.1:{spare}" in log_text
+    bound = re.search(rf"{HTTP_API_LISTENING} http://127\.0\.0\.1:(\d+)", log_text)
+    assert bound is not None and int(bound.group(1)) != busy, log_text
     assert "address already in use" not in log_text
 
 
@@ -453,7 +472,7 @@ def test_tls_deployment_with_supernode_auth_refuses_strangers(
             root_certificates=creds.ca_cert,
             private_key=key.private_key,
             name=f"supernode-{name}",
-            wait_connected=False,  # started together, awaited below
+            wait_connected=False,  # each bound its port; connections awaited below
         )
         for name, key in creds.nodes.items()
     ]

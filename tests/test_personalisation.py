@@ -132,7 +132,11 @@ def test_settings_resolve_local_head_and_refuse_what_cannot_take_effect() -> Non
 def local_head(tmp_path_factory: pytest.TempPathFactory) -> tuple[RecordingGrid, Path]:
     tmp = tmp_path_factory.mktemp("local-head")
     config = _config(tmp, "local-head", **{"use-case": "multi-strategy"})
-    return _run(config, run_id=8101), tmp / "outputs" / "local-head"
+    umask = os.umask(0o022)  # new files readable by every user unless the app says otherwise
+    try:
+        return _run(config, run_id=8101), tmp / "outputs" / "local-head"
+    finally:
+        os.umask(umask)
 
 
 def test_local_head_sends_and_receives_the_body_only(

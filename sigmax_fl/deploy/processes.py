@@ -240,6 +240,8 @@ class ManagedProcess:
         deadline = time.monotonic() + timeout
         while not condition():
             if self.returncode is not None:
+                if condition():  # done just before it exited, after the check above
+                    return
                 raise self._error(f"exited with status {self.returncode} before it could {what}")
             if time.monotonic() > deadline:
                 raise self._error(f"did not {what} within {timeout:.0f} s")
