@@ -13,7 +13,7 @@ import torch
 from sigmax_fl.deploy.flwr_cli import FINISHED_OK, FlwrHome, simulation_federation_config
 from sigmax_fl.model import TradingModel, build_model
 
-from .conftest import DEFAULT_INSTANCES, ROOT
+from .conftest import DEFAULT_INSTANCES, ROOT, RUN_TIMEOUT
 
 pytestmark = pytest.mark.integration
 
@@ -30,7 +30,12 @@ def _run(home: FlwrHome, outputs: Path, name: str, federation: dict) -> tuple[in
     log = io.StringIO()
     run_config = {**RUN_CONFIG, "outputs-dir": str(outputs), "run-name": name}
     run_id = home.run_app(
-        ROOT, "sim", run_config=run_config, federation_config=federation, sink=log, timeout=300
+        ROOT,
+        "sim",
+        run_config=run_config,
+        federation_config=federation,
+        sink=log,
+        timeout=RUN_TIMEOUT,
     )
     return run_id, log.getvalue()
 

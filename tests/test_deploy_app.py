@@ -32,7 +32,7 @@ from sigmax_fl.deploy.flwr_cli import (
 from sigmax_fl.deploy.processes import TAG_ENV, Supervisor, tagged_processes
 from sigmax_fl.model import TradingModel
 
-from .conftest import DATA, ROOT
+from .conftest import DATA, ROOT, RUN_TIMEOUT
 
 pytestmark = pytest.mark.integration
 
@@ -150,7 +150,7 @@ def test_real_app_on_tls_and_authenticated_supernodes(
                     "run-name": "deployed",
                 },
                 sink=sink,
-                timeout=300,
+                timeout=RUN_TIMEOUT,
             )
     finally:
         gamma.stop()

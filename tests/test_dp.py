@@ -15,7 +15,7 @@ from sigmax_fl.privacy import compute_epsilon
 from sigmax_fl.settings import ConfigError, Settings
 from sigmax_fl.strategy import META_KEY, Defences, WeightedFedAvg
 
-from .conftest import ROOT
+from .conftest import ROOT, RUN_TIMEOUT
 
 SOURCES = "bitstamp-btc-usd-1d,bitstamp-eth-usd-1d,bitstamp-ltc-usd-1d"
 
@@ -80,7 +80,7 @@ def run(home: FlwrHome, outputs: Path, name: str, **config: object) -> list[dict
         },
         federation_config={"num-supernodes": 3},
         stream=False,
-        timeout=300,
+        timeout=RUN_TIMEOUT,
     )
     return json.loads((outputs / name / "history.json").read_text())
 

@@ -22,7 +22,7 @@ from sigmax_fl.deploy.credentials import ensure_credentials
 from sigmax_fl.deploy.env import CLIENT_VARIABLES, SERVER_VARIABLES, server_options
 from sigmax_fl.deploy.processes import Supervisor, free_port
 
-from .conftest import DATA, ROOT
+from .conftest import DATA, ROOT, RUN_TIMEOUT
 
 BITSTAMP_ETH = f"{DATA / 'bitstamp_BTC_ETH_LTC_USD_d.csv'}#ETH"
 
@@ -264,7 +264,7 @@ def test_server_and_two_clients_from_the_environment_alone(
         }
         argv = [sys.executable, "-m", "sigmax_fl.deploy.client"]
         clients.append(supervisor.start(f"fl-client-{name}", argv, env=env, cwd=ROOT))
-    status = fl_server.wait(timeout=300)
+    status = fl_server.wait(timeout=RUN_TIMEOUT)
 
     # Assert: the run completed on both instances and wrote its final model
     assert status == 0, fl_server.log_tail(60)

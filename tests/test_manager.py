@@ -35,6 +35,8 @@ from sigmax_fl.manager import (
 )
 from sigmax_fl.settings import Settings
 
+from .conftest import RUN_TIMEOUT
+
 INSTANCES = ("coinbase-btc-usd-1d", "bitstamp-eth-usd-1d")
 
 
@@ -167,7 +169,7 @@ def test_python_api_example_runs_end_to_end(
             parameters = get_parameters(model)
             fitted = clients[0].fit(parameters, config={})
             scored = clients[0].evaluate(parameters, config={})
-            history = await asyncio.wait_for(server, timeout=300)
+            history = await asyncio.wait_for(server, timeout=RUN_TIMEOUT)
         finally:
             for client in clients:
                 client.stop()

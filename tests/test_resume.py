@@ -12,7 +12,7 @@ import torch
 from sigmax_fl.deploy.flwr_cli import FINISHED_OK, FlwrHome, start_superlink, start_supernode
 from sigmax_fl.deploy.processes import Supervisor
 
-from .conftest import DATA, ROOT
+from .conftest import DATA, ROOT, RUN_TIMEOUT
 
 pytestmark = pytest.mark.integration
 
@@ -62,9 +62,9 @@ def test_killed_superlink_resumes_to_the_same_model(tmp_path: Path) -> None:
         start_nodes(supervisor, home, link.address, "first")
         home.flwr_run(ROOT, "broken", run_config={**config, "run-name": "broken"})
         checkpoint = outputs / "broken" / "checkpoints" / "round-00001.pt"
-        # 300 s as for every deployed run in the suite: with both federations' ClientApp
-        # processes starting beside the other test workers, round 1 has taken 160 s here
-        deadline = time.monotonic() + 300
+        # As for every run in the suite: with both federations' ClientApp processes starting
+        # beside the other test workers, round 1 has taken 160 s here
+        deadline = time.monotonic() + RUN_TIMEOUT
         while not checkpoint.exists():
             assert time.monotonic() < deadline, "round 1 was never checkpointed"
             time.sleep(0.2)
@@ -90,9 +90,9 @@ def test_killed_superlink_resumes_to_the_same_model(tmp_path: Path) -> None:
         time.sleep(GHOSTS_ALONE)
         start_nodes(supervisor, home, link.address, "second")
         # The resumed run waits for the ghosts to lapse (a minute) before its rounds, and the
-        # whole test once took 557 s in `make test` against 223 s alone: 600 s each
-        assert home.wait_for_run(resumed_run, "broken", timeout=600) == FINISHED_OK
-        assert home.wait_for_run(ref_run, "ref", timeout=600) == FINISHED_OK
+        # whole test once took 557 s in `make test` against 223 s alone
+        assert home.wait_for_run(resumed_run, "broken", timeout=RUN_TIMEOUT) == FINISHED_OK
+        assert home.wait_for_run(ref_run, "ref", timeout=RUN_TIMEOUT) == FINISHED_OK
     assert supervisor.remaining() == [] and reference.remaining() == []
 
     unbroken, resumed = final_weights(outputs / "unbroken"), final_weights(outputs / "broken")

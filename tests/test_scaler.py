@@ -29,7 +29,7 @@ from sigmax_fl.server_app import ServerState
 from sigmax_fl.settings import ConfigError, Settings
 from sigmax_fl.strategy import META_KEY
 
-from .conftest import DEFAULT_INSTANCES, ROOT
+from .conftest import DEFAULT_INSTANCES, ROOT, RUN_TIMEOUT
 
 SOURCES = ",".join(DEFAULT_INSTANCES[:2])
 SETTINGS = Settings(data_sources=SOURCES, scaler="federated")
@@ -221,7 +221,7 @@ def test_a_simulation_normalises_every_instance_with_the_pooled_statistics(
         },
         federation_config={"num-supernodes": 2},
         stream=False,
-        timeout=300,
+        timeout=RUN_TIMEOUT,
     )
     assert simulation.run_status(run_id, "sim") == FINISHED_OK
     run_dir = outputs / "federated-scaler"

@@ -39,7 +39,7 @@ from sigmax_fl.model import build_model
 from sigmax_fl.settings import ConfigError, Settings
 from sigmax_fl.strategy import Screened, WeightedFedAvg, as_numpy
 
-from .conftest import DEFAULT_INSTANCES, ROOT
+from .conftest import DEFAULT_INSTANCES, ROOT, RUN_TIMEOUT
 
 SECAGG = {"secure-aggregation": True, "max-weight-share": 1.0}
 
@@ -402,7 +402,7 @@ def test_secure_aggregation_matches_weighted_fedavg_within_the_bound(
         },
         federation_config={"num-supernodes": 4},
         sink=log,
-        timeout=300,
+        timeout=RUN_TIMEOUT,
     )
     plain, plain_verdicts = _plain_weighted_fedavg(monkeypatch)
 
