@@ -116,7 +116,7 @@ class Federation:
     def finish(self, run_id: int, timeout: float = RUN_TIMEOUT) -> tuple[str, str]:
         """Wait for the run; return its status and its whole log.
 
-        300 s as for every deployed run in the suite: on a slow 2-core machine running three
+        :data:`RUN_TIMEOUT` as for every run in the suite: on a slow 2-core machine running three
         test workers, one round with a roll call took 90 s, and a second run the same
         test submitted had not finished 120 s after it started.
         """
