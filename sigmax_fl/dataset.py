@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -20,7 +21,7 @@ import numpy as np
 from sigmax_fl.data import DataError, DataSource, source_digest
 from sigmax_fl.data.sources import split_asset
 from sigmax_fl.features import FEATURE_VERSION, Calendar, Scaler, make_features
-from sigmax_fl.paths import create_private
+from sigmax_fl.paths import PRIVATE, make_folders, write_durably
 
 if TYPE_CHECKING:
     from sigmax_fl.settings import Settings
@@ -200,6 +201,31 @@ def default_cache_dir() -> Path:
     return Path.home() / ".cache" / "sigmax-fl" / "features"
 
 
+def _cached(instance_id: str, npz: Path, meta: Path) -> InstanceData | None:
+    """The cached arrays; None if there are none, or if they cannot be read.
+
+    A cache that cannot be read (left empty by a power cut under a version that did not sync
+    it, or damaged since) is built again from the source, with a warning that names it,
+    instead of failing every message of the instance until someone deletes it.
+    """
+    if not (npz.is_file() and meta.is_file()):
+        return None
+    try:
+        with np.load(npz) as stored:
+            arrays = dict(stored)
+        report = json.loads(meta.read_text(encoding="utf-8"))
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        log.warning(
+            "%s: cannot read the feature cache %s (%s: %s); building it again from the source",
+            instance_id,
+            npz,
+            type(err).__name__,
+            err,
+        )
+        return None
+    return InstanceData(instance_id, arrays, report)
+
+
 def load_instance(
     source: DataSource, recipe: Recipe, cache_dir: Path | None = None
 ) -> InstanceData:
@@ -211,22 +237,16 @@ def load_instance(
         return _MEMORY[key]
     folder = cache_dir or default_cache_dir()
     npz, meta = folder / f"{key}.npz", folder / f"{key}.json"
-    if npz.is_file() and meta.is_file():
-        with np.load(npz) as stored:
-            data = InstanceData(source.instance_id, dict(stored), json.loads(meta.read_text()))
-    else:
+    data = _cached(source.instance_id, npz, meta)
+    if data is None:
         data = build(source, recipe)
-        folder.mkdir(parents=True, exist_ok=True)
-        # Write-then-rename: a crash mid-write leaves no half cache for the next process.
-        # Owner-only (paths.PRIVATE): the features are the instance's market data.
-        tmp = folder / f".{key}.{os.getpid()}.tmp.npz"
-        with create_private(tmp) as handle:
-            np.savez(handle, **data.arrays)
-        os.replace(tmp, npz)
-        tmp_meta = folder / f".{key}.{os.getpid()}.tmp.json"
-        with create_private(tmp_meta) as handle:
-            handle.write(json.dumps(data.report, indent=1).encode("utf-8"))
-        os.replace(tmp_meta, meta)
+        make_folders(folder)
+        # Owner-only (PRIVATE): the features are the instance's market data. The arrays go
+        # first: a crash between the two leaves no report, and the next process builds both.
+        arrays = data.arrays
+        write_durably(npz, lambda handle: np.savez(handle, **arrays), PRIVATE)
+        report = json.dumps(data.report, indent=1).encode("utf-8")
+        write_durably(meta, lambda handle: handle.write(report), PRIVATE)
         log.info("%s: features built and cached in %s", source.instance_id, npz)
     _MEMORY[key] = data
     return data

@@ -38,7 +38,7 @@ import torch
 
 from sigmax_fl import runs
 from sigmax_fl.dataset import default_cache_dir
-from sigmax_fl.paths import PRIVATE
+from sigmax_fl.paths import PRIVATE, make_folders, rename_durably, temporary
 from sigmax_fl.settings import Settings
 
 Tensors = dict[str, torch.Tensor]
@@ -92,7 +92,7 @@ def save(
     a temporary file.
     """
     path = latest_path(settings, run_id, instance_id, kind)
-    runs.make_folders(path.parent)
+    make_folders(path.parent)
     payload = {
         kind: {k: v.detach().clone() for k, v in tensors.items()},
         "run_id": run_id,
@@ -103,13 +103,13 @@ def save(
         newer = [r for r in kept_rounds(settings, run_id, instance_id, kind) if r > server_round]
         runs.save_torch(payload, this_round, PRIVATE)
         if not newer:  # a late message of an earlier round does not replace the newest state
-            tmp = runs.temporary(path)
+            tmp = temporary(path)
             try:
                 os.link(this_round, tmp)
             except OSError:  # no hard links here (some network or FAT file systems): a copy
                 runs.save_torch(payload, path, PRIVATE)
             else:
-                runs.rename_durably(tmp, path)
+                rename_durably(tmp, path)
         keep = settings.keep_checkpoints + 1 if settings.keep_checkpoints else 0
         kept = list(kept_rounds(settings, run_id, instance_id, kind).values())
         for old in kept[:-keep] if keep else []:

@@ -53,7 +53,7 @@ from sigmax_fl.deploy.env import (
 from sigmax_fl.deploy.federation import RunOutcome, Server, SuperNodeRunner
 from sigmax_fl.deploy.flwr_cli import ConfigValue, FlwrError
 from sigmax_fl.model import MODELS
-from sigmax_fl.paths import create_private
+from sigmax_fl.paths import PRIVATE, write_durably
 from sigmax_fl.settings import ConfigError, Settings
 
 log = logging.getLogger("sigmax_fl.manager")
@@ -252,12 +252,9 @@ def loader_arrays(loader: Iterable[Any], name: str) -> tuple[np.ndarray, np.ndar
 
 
 def _write_private(path: Path, **arrays: np.ndarray) -> None:
-    """Write-then-rename an ``.npz`` readable by this user only (it is trading data)."""
+    """An ``.npz`` readable by this user only (it is trading data), written durably."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
-    with create_private(tmp) as handle:
-        np.savez(handle, **arrays)
-    os.replace(tmp, path)
+    write_durably(path, lambda handle: np.savez(handle, **arrays), PRIVATE)
 
 
 class FederatedClient:

@@ -1,15 +1,22 @@
-"""Where the project's ``data/`` and ``outputs/`` folders are, and how private files are made.
+"""Where the project's ``data/`` and ``outputs/`` folders are, and how files reach the disk.
 
 Flower runs the ServerApp and ClientApps from the installed app bundle (FAB), which holds only
 Python and TOML files, in the SuperLink's working directory. So the checkout is found, in this
 order: the folder above this package if its ``data/`` holds bars (running from the checkout), else
 the source folder of the editable install that pip recorded in ``direct_url.json``.
+
+Every file that something later starts from (checkpoints, history, what instances keep, the
+feature cache, keys) is written by :func:`write_durably`: whole or not at all, on disk before it
+counts. It lives here, free of torch, so that modules kept torch-free can use it too.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import uuid
+from collections.abc import Callable
 from functools import cache
 from importlib import metadata
 from pathlib import Path
@@ -23,21 +30,83 @@ PRIVATE = 0o600
 model, DP ledger): readable by their owner alone, like the market and trading data itself."""
 
 
-def create_private(path: Path) -> BinaryIO:
-    """Open ``path`` for writing as a new or emptied file with mode :data:`PRIVATE`.
+def temporary(path: Path) -> Path:
+    """A hidden name beside ``path``, to write before renaming onto it.
 
-    The mode is set as the file is created, so no other user can open it in between, and
-    again on a file that was already there (a temporary file left by an older version).
+    A reader never sees half a file, a crash leaves the old one whole, and two writers never
+    share one.
     """
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0)
-    handle = os.open(path, flags, PRIVATE)
+    return path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+
+
+def write_durably(path: Path, write: Callable[[BinaryIO], object], mode: int = 0o666) -> None:
+    """``write`` into a temporary file, fsync it, rename it onto ``path``, fsync the folder.
+
+    ``mode`` is the new file's permissions before the umask (:data:`PRIVATE`: its owner's). A
+    temporary file left by a failure (a full disk, a rename refused) is removed.
+    """
+    tmp = temporary(path)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)  # no \r\n on Windows
     try:
-        if hasattr(os, "fchmod"):  # POSIX; Windows has no such modes
-            os.fchmod(handle, PRIVATE)
-        return os.fdopen(handle, "wb")
+        with os.fdopen(os.open(tmp, flags, mode), "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        rename_durably(tmp, path)
     except BaseException:
-        os.close(handle)
+        tmp.unlink(missing_ok=True)
         raise
+
+
+def write_text(path: Path, text: str, mode: int = 0o666) -> None:
+    """UTF-8 text, written durably (:func:`write_durably`, ``mode`` as there)."""
+    write_durably(path, lambda handle: handle.write(text.encode("utf-8")), mode)
+
+
+def rename_durably(tmp: Path, path: Path) -> None:
+    """Rename a file already on disk onto ``path`` and fsync the folder, so the name is too."""
+    os.replace(tmp, path)
+    sync_folder(path.parent)
+
+
+def make_folders(path: Path) -> Path:
+    """``mkdir -p`` whose new folders survive a power cut: each one's parent is fsynced.
+
+    Syncing a folder keeps the names in it (:func:`rename_durably`), but a folder's own name
+    lives in its parent: a run folder made just before a cut, with its first checkpoint synced
+    inside, could otherwise be gone after it on a file system that does not order metadata
+    writes itself. A folder that exists costs one ``stat``.
+    """
+    missing = []
+    folder = path
+    while not folder.is_dir():
+        if folder.parent == folder:  # a missing drive or share (Windows) is its own parent
+            raise FileNotFoundError(errno.ENOENT, "no such drive or share", str(folder))
+        missing.append(folder)
+        folder = folder.parent
+    for folder in reversed(missing):
+        folder.mkdir(exist_ok=True)  # another writer may have made it meanwhile
+        sync_folder(folder.parent)
+    return path
+
+
+def sync_folder(folder: Path) -> None:
+    """Sync a folder (``fsync``), so that the names in it are on disk.
+
+    Windows cannot open a folder to sync it, and leaves that to its file system; so do file
+    systems whose folders do not support syncing (EINVAL): their writes are as durable as
+    they make them.
+    """
+    if os.name == "nt":
+        return
+    handle = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    except OSError as err:
+        if err.errno != errno.EINVAL:
+            raise
+    finally:
+        os.close(handle)
 
 
 @cache

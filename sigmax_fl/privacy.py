@@ -67,8 +67,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from sigmax_fl import runs
-from sigmax_fl.paths import PRIVATE
+from sigmax_fl.paths import PRIVATE, make_folders, write_text
 from sigmax_fl.task import make_optimizer
 
 Relation = Literal["add-or-remove-one", "replace-one"]
@@ -586,7 +585,7 @@ def load_local_accountant(path: str | os.PathLike[str]) -> LocalAccountant:
 
 
 def save_local_accountant(path: str | os.PathLike[str], acc: LocalAccountant) -> None:
-    """Write ``acc`` to ``path`` durably (:func:`sigmax_fl.runs.write_text`), owner-only.
+    """Write ``acc`` to ``path`` durably (:func:`sigmax_fl.paths.write_text`), owner-only.
 
     A crash leaves either the old ledger or the new one, never a torn file. Save *before* the
     round's update leaves the instance: an update sent but not accounted is privacy spent
@@ -594,8 +593,8 @@ def save_local_accountant(path: str | os.PathLike[str], acc: LocalAccountant) ->
     the machine may not read it.
     """
     file = Path(path)
-    runs.make_folders(file.parent)
-    runs.write_text(file, json.dumps(acc.state_dict(), indent=1), mode=PRIVATE)
+    make_folders(file.parent)
+    write_text(file, json.dumps(acc.state_dict(), indent=1), mode=PRIVATE)
 
 
 # --------------------------------------------------------------------------------------------

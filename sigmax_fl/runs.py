@@ -7,19 +7,17 @@ the checkout's ``outputs/`` (see :mod:`sigmax_fl.paths`).
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
 import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import torch
 
-from sigmax_fl.paths import project_root
+from sigmax_fl.paths import make_folders, project_root, sync_folder, write_durably, write_text
 
 OUTPUTS_DIR_ENV = "SIGMAX_FL_OUTPUTS_DIR"
 HISTORY_JSONL = "history.jsonl"
@@ -71,17 +69,8 @@ def run_key(run_dir: Path) -> str:
     return f"{run_dir.name}-{path.read_text().strip()}"
 
 
-def temporary(path: Path) -> Path:
-    """A hidden name beside ``path``, to write before renaming onto it.
-
-    A reader never sees half a file, a crash leaves the old one whole, and two writers never
-    share one.
-    """
-    return path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-
-
 def save_torch(obj: Any, path: Path, mode: int = 0o666) -> Path:
-    """``torch.save``, on disk before it counts (:func:`write_durably`, ``mode`` as there).
+    """``torch.save``, on disk before it counts (:func:`~sigmax_fl.paths.write_durably`).
 
     Checkpoints and what instances keep are what a resume starts from, and older ones are
     deleted once a new one is written: renamed but not synced, a power cut could leave the new
@@ -91,78 +80,8 @@ def save_torch(obj: Any, path: Path, mode: int = 0o666) -> Path:
     return path
 
 
-def write_durably(path: Path, write: Callable[[BinaryIO], object], mode: int = 0o666) -> None:
-    """``write`` into a temporary file, fsync it, rename it onto ``path``, fsync the folder.
-
-    ``mode`` is the new file's permissions before the umask (``paths.PRIVATE``: its owner's). A
-    temporary file left by a failure (a full disk, a rename refused) is removed.
-    """
-    tmp = temporary(path)
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)  # no \r\n on Windows
-    try:
-        with os.fdopen(os.open(tmp, flags, mode), "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        rename_durably(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def write_text(path: Path, text: str, mode: int = 0o666) -> None:
-    """UTF-8 text, written durably (:func:`write_durably`, ``mode`` as there)."""
-    write_durably(path, lambda handle: handle.write(text.encode("utf-8")), mode)
-
-
-def rename_durably(tmp: Path, path: Path) -> None:
-    """Rename a file already on disk onto ``path`` and fsync the folder, so the name is too."""
-    os.replace(tmp, path)
-    sync_folder(path.parent)
-
-
-def make_folders(path: Path) -> Path:
-    """``mkdir -p`` whose new folders survive a power cut: each one's parent is fsynced.
-
-    Syncing a folder keeps the names in it (:func:`rename_durably`), but a folder's own name
-    lives in its parent: a run folder made just before a cut, with its first checkpoint synced
-    inside, could otherwise be gone after it on a file system that does not order metadata
-    writes itself. A folder that exists costs one ``stat``.
-    """
-    missing = []
-    folder = path
-    while not folder.is_dir():
-        if folder.parent == folder:  # a missing drive or share (Windows) is its own parent
-            raise FileNotFoundError(errno.ENOENT, "no such drive or share", str(folder))
-        missing.append(folder)
-        folder = folder.parent
-    for folder in reversed(missing):
-        folder.mkdir(exist_ok=True)  # another writer may have made it meanwhile
-        sync_folder(folder.parent)
-    return path
-
-
-def sync_folder(folder: Path) -> None:
-    """Sync a folder (``fsync``), so that the names in it are on disk.
-
-    Windows cannot open a folder to sync it, and leaves that to its file system; so do file
-    systems whose folders do not support syncing (EINVAL): their writes are as durable as
-    they make them.
-    """
-    if os.name == "nt":
-        return
-    handle = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(handle)
-    except OSError as err:
-        if err.errno != errno.EINVAL:
-            raise
-    finally:
-        os.close(handle)
-
-
 def write_json(path: Path, payload: Any) -> None:
-    """JSON, written durably (:func:`write_durably`).
+    """JSON, written durably (:func:`~sigmax_fl.paths.write_durably`).
 
     A reader never sees half a file, and a finished run's summary and history survive a power
     cut as its final model does.
@@ -389,5 +308,5 @@ def _audit_up_to(checkpoint: Path, path: Path, server_round: int) -> list[str] |
 
 
 def _replace_lines(path: Path, lines: list[str]) -> None:
-    """Write a file's lines anew, durably (:func:`write_text`)."""
+    """Write a file's lines anew, durably (:func:`~sigmax_fl.paths.write_text`)."""
     write_text(path, "".join(line + "\n" for line in lines))

@@ -4,7 +4,8 @@ A checkpoint used to carry the whole history, so each round's write grew with th
 holds how many lines of ``history.jsonl`` are the run's and their chained digest; resuming
 reads those lines, refuses a file that lost or changed them, and still reads the old format.
 The runs are the real ServerApp and ClientApps in this process (Flower's wire format). A
-new checkpoint reaches the disk (file and folder fsynced) before an older one is deleted.
+new checkpoint reaches the disk (file and folder fsynced) before an older one is deleted, and
+so do the other files something later starts from: an instance's feature cache, the keys.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import pytest
 import torch
 
 from sigmax_fl import runs
-from sigmax_fl.paths import create_private
+from sigmax_fl.paths import PRIVATE, write_durably
 
 from .conftest import ROOT, in_process_run, small_run
 
@@ -294,6 +295,40 @@ def test_a_new_run_folder_and_its_files_are_on_disk_with_its_parents(tmp_path: P
     assert json.loads((outputs / "fresh" / "summary.json").read_text()) == {"rounds_run": 1}
 
 
+CACHE_AND_KEYS = """
+import sys
+from pathlib import Path
+from sigmax_fl.data import resolve_source
+from sigmax_fl.dataset import Recipe, load_instance
+from sigmax_fl.deploy.credentials import ensure_credentials
+from sigmax_fl.settings import Settings
+folder = Path(sys.argv[1])
+recipe = Recipe.of(Settings())
+load_instance(resolve_source("synthetic:instance=5:seed=41"), recipe, folder / "cache")
+ensure_credentials(folder / "keys", ["alpha"])
+"""
+
+
+def test_an_instances_feature_cache_and_the_keys_are_on_disk_before_they_count(
+    tmp_path: Path,
+) -> None:
+    # Execute: a fresh instance caches its features, a deployment makes its keys, under strace
+    first = _traced(CACHE_AND_KEYS, tmp_path, tmp_path / "trace.txt")
+
+    # Assert: each file's bytes are synced, then it is renamed into place, then its folder synced
+    cache = tmp_path / "cache"
+    for name in (r"synthetic-0005-\w+\.npz", r"synthetic-0005-\w+\.json"):
+        synced = first(rf"^fsync\(\d+<{re.escape(str(cache))}/\.{name}\.\w+\.tmp>\)")
+        renamed = first(rf'^rename(at2?)?\(.*\.tmp", .*/cache/{name}"', synced)
+        first(rf"^fsync\(\d+<{re.escape(str(cache))}>\)", renamed)
+    keys = tmp_path / "keys"
+    for name in ("ca.key", "superlink.key", "supernode-alpha.key", "superlink.crt"):
+        synced = first(rf"^fsync\(\d+<{re.escape(str(keys))}/\.{re.escape(name)}\.\w+\.tmp>\)")
+        renamed = first(rf'^rename(at2?)?\(.*\.tmp", .*/keys/{re.escape(name)}"', synced)
+        first(rf"^fsync\(\d+<{re.escape(str(keys))}>\)", renamed)
+    assert not [p for p in (*cache.iterdir(), *keys.iterdir()) if ".tmp" in p.name]
+
+
 def test_a_file_where_a_folder_should_be_is_named(tmp_path: Path) -> None:
     # Prepare: outputs-dir points below a file
     blocker = tmp_path / "outputs"
@@ -332,16 +367,20 @@ def test_runs_started_at_once_under_one_name_get_folders_of_their_own(tmp_path: 
 
 
 @pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
-def test_a_private_file_already_there_is_made_owner_only_too(tmp_path: Path) -> None:
-    # Prepare: a temporary file of the same name, left readable by all by an older version
-    path = tmp_path / ".instance.123.tmp.npz"
+def test_a_private_file_replaces_one_readable_by_all(tmp_path: Path) -> None:
+    # Prepare: a file of the same name, left readable by all by an older version
+    path = tmp_path / "instance.npz"
     path.write_bytes(b"older and longer")
     path.chmod(0o644)
+    umask = os.umask(0o022)  # new files readable by every user unless the app says otherwise
 
     # Execute
-    with create_private(path) as handle:
-        handle.write(b"new")
+    try:
+        write_durably(path, lambda handle: handle.write(b"new"), PRIVATE)
+    finally:
+        os.umask(umask)
 
-    # Assert
+    # Assert: the new bytes, owner-only, and no temporary file left beside them
     assert path.read_bytes() == b"new"
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert [p.name for p in tmp_path.iterdir()] == ["instance.npz"]

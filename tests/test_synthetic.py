@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import logging
+import os
+import stat
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
 
+from sigmax_fl import dataset
 from sigmax_fl.data import (
     DataError,
     load_ohlcv,
@@ -15,7 +21,7 @@ from sigmax_fl.data import (
     synthetic,
 )
 from sigmax_fl.data.calibration import oracle_r2, return_stats
-from sigmax_fl.dataset import Recipe, build
+from sigmax_fl.dataset import Recipe, build, load_instance
 from sigmax_fl.features import Scaler, make_features
 from sigmax_fl.settings import Settings
 
@@ -180,3 +186,33 @@ def test_feature_cache_key_follows_the_spec_without_a_file() -> None:
     assert key == RECIPE.key(resolve_source("synthetic:instance=1:seed=0:bar=1d"))
     assert key != RECIPE.key(resolve_source("synthetic:instance=1:seed=1"))
     assert key != RECIPE.key(resolve_source("synthetic:instance=2"))
+
+
+@pytest.mark.parametrize("damage", ["emptied", "cut short"])
+def test_a_feature_cache_that_cannot_be_read_is_built_again_and_named(
+    damage: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Prepare: an instance's cached features, damaged as a power cut or a bad disk leaves them,
+    # and a fresh process (nothing kept in memory)
+    source = resolve_source("synthetic:instance=2:seed=43")
+    monkeypatch.setattr(dataset, "_MEMORY", {})
+    built = load_instance(source, RECIPE, tmp_path)
+    (npz,) = tmp_path.glob("*.npz")
+    whole = npz.read_bytes()
+    npz.write_bytes(b"" if damage == "emptied" else whole[: len(whole) // 2])
+    monkeypatch.setattr(dataset, "_MEMORY", {})
+
+    # Execute
+    with caplog.at_level(logging.WARNING, logger="flwr.sigmax_fl.dataset"):
+        again = load_instance(source, RECIPE, tmp_path)
+
+    # Assert: the file named, the same arrays built again from the source, the cache whole again
+    assert f"cannot read the feature cache {npz}" in caplog.text
+    assert again.arrays.keys() == built.arrays.keys()
+    for name, array in built.arrays.items():
+        np.testing.assert_array_equal(again.arrays[name], array)
+    with np.load(npz) as stored:
+        assert stored.keys() == built.arrays.keys()
+    if os.name == "posix":
+        assert stat.S_IMODE(npz.stat().st_mode) == 0o600
+    assert sorted(p.suffix for p in tmp_path.iterdir()) == [".json", ".npz"]

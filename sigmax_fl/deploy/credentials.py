@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import ipaddress
-import os
 import re
 import sys
 from collections.abc import Iterable, Sequence
@@ -40,6 +39,8 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from sigmax_fl.paths import PRIVATE, write_durably
 
 DEFAULT_HOSTS: tuple[str, ...] = ("localhost", "127.0.0.1")
 """Names the SuperLink certificate is valid for when none are given."""
@@ -206,17 +207,16 @@ def _now() -> datetime.datetime:
 
 
 def _write_atomic(path: Path, data: bytes, mode: int) -> None:
-    """Write through a temporary file so a crash never leaves half a key behind."""
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
-    os.chmod(tmp, mode)
-    os.replace(tmp, path)
+    """Write a key or certificate durably, with ``mode`` before the umask.
+
+    Through :func:`~sigmax_fl.paths.write_durably`: a crash never leaves half a key behind, a
+    power cut never an empty one, and two processes writing the same file never mix.
+    """
+    write_durably(path, lambda handle: handle.write(data), mode)
 
 
 def _write_private(path: Path, data: bytes) -> None:
-    _write_atomic(path, data, 0o600)
+    _write_atomic(path, data, PRIVATE)
 
 
 def _private_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
