@@ -21,7 +21,7 @@ import numpy as np
 from sigmax_fl.data import DataError, DataSource, source_digest
 from sigmax_fl.data.sources import split_asset
 from sigmax_fl.features import FEATURE_VERSION, Calendar, Scaler, make_features
-from sigmax_fl.paths import PRIVATE, make_folders, write_durably
+from sigmax_fl.paths import PRIVATE, PRIVATE_FOLDER, make_folders, write_durably
 
 if TYPE_CHECKING:
     from sigmax_fl.settings import Settings
@@ -240,7 +240,7 @@ def load_instance(
     data = _cached(source.instance_id, npz, meta)
     if data is None:
         data = build(source, recipe)
-        make_folders(folder)
+        make_folders(folder, PRIVATE_FOLDER)
         # Owner-only (PRIVATE): the features are the instance's market data. The arrays go
         # first: a crash between the two leaves no report, and the next process builds both.
         arrays = data.arrays

@@ -38,7 +38,7 @@ import torch
 
 from sigmax_fl import runs
 from sigmax_fl.dataset import default_cache_dir
-from sigmax_fl.paths import PRIVATE, make_folders, rename_durably, temporary
+from sigmax_fl.paths import PRIVATE, PRIVATE_FOLDER, make_folders, rename_durably, temporary
 from sigmax_fl.settings import Settings
 
 Tensors = dict[str, torch.Tensor]
@@ -92,7 +92,7 @@ def save(
     a temporary file.
     """
     path = latest_path(settings, run_id, instance_id, kind)
-    make_folders(path.parent)
+    make_folders(path.parent, PRIVATE_FOLDER)
     payload = {
         kind: {k: v.detach().clone() for k, v in tensors.items()},
         "run_id": run_id,

@@ -53,7 +53,7 @@ from sigmax_fl.deploy.env import (
 from sigmax_fl.deploy.federation import RunOutcome, Server, SuperNodeRunner
 from sigmax_fl.deploy.flwr_cli import ConfigValue, FlwrError
 from sigmax_fl.model import MODELS
-from sigmax_fl.paths import PRIVATE, write_durably
+from sigmax_fl.paths import PRIVATE, PRIVATE_FOLDER, make_folders, write_durably
 from sigmax_fl.settings import ConfigError, Settings
 
 log = logging.getLogger("sigmax_fl.manager")
@@ -253,7 +253,7 @@ def loader_arrays(loader: Iterable[Any], name: str) -> tuple[np.ndarray, np.ndar
 
 def _write_private(path: Path, **arrays: np.ndarray) -> None:
     """An ``.npz`` readable by this user only (it is trading data), written durably."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    make_folders(path.parent, PRIVATE_FOLDER)
     write_durably(path, lambda handle: np.savez(handle, **arrays), PRIVATE)
 
 

@@ -28,6 +28,9 @@ DISTRIBUTION = "sigmax-fl"
 PRIVATE = 0o600
 """Mode of the files an instance derives from its own data (feature cache, kept state, own
 model, DP ledger): readable by their owner alone, like the market and trading data itself."""
+PRIVATE_FOLDER = 0o700
+"""Mode of the folders made for those files: other users cannot list them either, so they do
+not learn which instances, runs and markets this machine serves."""
 
 
 def temporary(path: Path) -> Path:
@@ -69,13 +72,14 @@ def rename_durably(tmp: Path, path: Path) -> None:
     sync_folder(path.parent)
 
 
-def make_folders(path: Path) -> Path:
+def make_folders(path: Path, mode: int = 0o777) -> Path:
     """``mkdir -p`` whose new folders survive a power cut: each one's parent is fsynced.
 
     Syncing a folder keeps the names in it (:func:`rename_durably`), but a folder's own name
     lives in its parent: a run folder made just before a cut, with its first checkpoint synced
     inside, could otherwise be gone after it on a file system that does not order metadata
-    writes itself. A folder that exists costs one ``stat``.
+    writes itself. A folder that exists costs one ``stat`` and keeps its mode; the ones made
+    get ``mode`` before the umask (:data:`PRIVATE_FOLDER`: their owner's alone).
     """
     missing = []
     folder = path
@@ -85,7 +89,7 @@ def make_folders(path: Path) -> Path:
         missing.append(folder)
         folder = folder.parent
     for folder in reversed(missing):
-        folder.mkdir(exist_ok=True)  # another writer may have made it meanwhile
+        folder.mkdir(mode, exist_ok=True)  # another writer may have made it meanwhile
         sync_folder(folder.parent)
     return path
 

@@ -30,7 +30,7 @@ from torch import nn
 from sigmax_fl import kept, runs, task
 from sigmax_fl.dataset import InstanceData
 from sigmax_fl.model import build_model, head_keys
-from sigmax_fl.paths import PRIVATE, make_folders
+from sigmax_fl.paths import PRIVATE, PRIVATE_FOLDER, make_folders
 from sigmax_fl.settings import Settings
 
 log = logging.getLogger(f"flwr.{__name__}")
@@ -225,7 +225,7 @@ def evaluated_model(
         )
     if settings.personalisation == "local-head":
         path = model_path(settings, run_id, instance_id)
-        make_folders(path.parent)
+        make_folders(path.parent, PRIVATE_FOLDER)
         runs.save_torch(model.state_dict(), path, PRIVATE)
         log.info("%s: own model (shared body + own head) saved to %s", instance_id, path)
     return model

@@ -67,7 +67,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from sigmax_fl.paths import PRIVATE, make_folders, write_text
+from sigmax_fl.paths import PRIVATE, PRIVATE_FOLDER, make_folders, write_text
 from sigmax_fl.task import make_optimizer
 
 Relation = Literal["add-or-remove-one", "replace-one"]
@@ -593,7 +593,7 @@ def save_local_accountant(path: str | os.PathLike[str], acc: LocalAccountant) ->
     the machine may not read it.
     """
     file = Path(path)
-    make_folders(file.parent)
+    make_folders(file.parent, PRIVATE_FOLDER)
     write_text(file, json.dumps(acc.state_dict(), indent=1), mode=PRIVATE)
 
 

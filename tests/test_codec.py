@@ -412,12 +412,17 @@ def test_what_an_instance_derives_from_its_data_is_readable_by_its_owner_alone(
     finally:
         os.umask(umask)
 
-    # Assert: its feature cache and the residuals it keeps are its owner's alone
+    # Assert: its feature cache and the residuals it keeps are its owner's alone, and so are
+    # the folders made for them (their names are the instances' and the runs')
     instances = tmp_path / "instances"
     files = [p for p in instances.rglob("*") if p.is_file()]
     assert {".npz", ".json", ".pt", ""} == {p.suffix for p in files}  # "": the lock files
     modes = {str(p.relative_to(instances)): oct(stat.S_IMODE(p.stat().st_mode)) for p in files}
     assert modes == dict.fromkeys(modes, oct(0o600))
+    folders = [instances, *(p for p in instances.rglob("*") if p.is_dir())]
+    assert {"features", "personal"} <= {p.name for p in folders}
+    modes = {str(p): oct(stat.S_IMODE(p.stat().st_mode)) for p in folders}
+    assert modes == dict.fromkeys(modes, oct(0o700))
 
 
 def test_two_runs_of_one_name_keep_their_state_apart_on_the_instances(

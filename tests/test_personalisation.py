@@ -206,6 +206,9 @@ def test_heads_and_own_models_are_readable_by_their_instance_owner_alone(
         modes = {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in folder.iterdir()}
         assert {"head.pt", "model.pt"} <= modes.keys()
         assert modes == dict.fromkeys(modes, oct(0o600))
+        # ... in a folder other users cannot list, as is the run's folder above it
+        for made in (folder, folder.parent):
+            assert oct(stat.S_IMODE(made.stat().st_mode)) == oct(0o700), made
 
 
 def test_a_stored_head_is_reloaded_and_used_by_the_next_round(
