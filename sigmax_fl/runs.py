@@ -118,6 +118,27 @@ def read_history(run_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+class NothingTrainedError(RuntimeError):
+    """Every round of a run was skipped: its model is still the one it started from."""
+
+
+def check_trained(run_dir: Path, history: list[dict[str, Any]]) -> list[int]:
+    """The rounds of ``history`` that were skipped (global model kept), in order.
+
+    Raises :class:`NothingTrainedError` if there were rounds and every one was skipped: such a run
+    must not end as finished with a ``final_model.pt``, which automation would deploy as a
+    trained model. Its history is written; a resumed run continues from its checkpoints.
+    """
+    skipped = [int(record["round"]) for record in history if record.get("skipped")]
+    if history and len(skipped) == len(history):
+        raise NothingTrainedError(
+            f"no round changed the global model: round(s) {', '.join(map(str, skipped))} "
+            f"were skipped ({run_dir / HISTORY_JSON} gives each instance's reply and why); "
+            "no final model is written"
+        )
+    return skipped
+
+
 def save_model(run_dir: Path, state_dict: dict[str, torch.Tensor], name: str = FINAL_MODEL) -> Path:
     """A state dict that ``TradingModel().load_state_dict`` takes, written atomically."""
     return save_torch(state_dict, run_dir / name)

@@ -852,6 +852,7 @@ def main(
 
     result = run_secagg(grid, context, settings, initial, on_round)
     runs.write_json(run_dir / runs.HISTORY_JSON, result.history)
+    skipped = runs.check_trained(run_dir, result.history)
     path = runs.save_model(
         run_dir, {k: torch.from_numpy(np.array(v)) for k, v in result.arrays.items()}
     )
@@ -864,6 +865,7 @@ def main(
         run_dir / "summary.json",
         {
             "rounds_run": result.rounds_run,
+            "rounds_skipped": skipped,
             "stopped_early": result.stopped_early,
             "best_round": result.best_round,
             "best_metric": settings.early_stopping_metric,

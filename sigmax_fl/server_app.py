@@ -530,6 +530,7 @@ def main(grid: Grid, context: Context) -> None:
         else state.arrays
     )
     runs.write_json(run_dir / runs.HISTORY_JSON, list(state.history))
+    skipped = runs.check_trained(run_dir, state.history)
     path = runs.save_model(
         run_dir,
         {k: torch.from_numpy(np.array(v)) for k, v in final.items()},
@@ -537,6 +538,7 @@ def main(grid: Grid, context: Context) -> None:
     )
     summary = {
         "rounds_run": state.round,
+        "rounds_skipped": skipped,
         "stopped_early": stopped_early,
         "stopped_for_privacy_budget": stopped_for_budget,
         "privacy": state.history[-1].get("privacy") if state.history else None,
@@ -547,6 +549,12 @@ def main(grid: Grid, context: Context) -> None:
         "final_model": str(path),
     }
     runs.write_json(run_dir / "summary.json", summary)
+    if skipped:
+        log.warning(
+            "sigmax-fl: round(s) %s skipped, global model kept (see %s)",
+            ", ".join(map(str, skipped)),
+            run_dir / runs.HISTORY_JSON,
+        )
     log.info(
         "sigmax-fl: best round %d (%s=%s); final model %s",
         state.best_round,

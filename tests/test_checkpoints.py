@@ -169,6 +169,30 @@ def test_a_checkpoint_that_holds_its_history_format_1_still_resumes(
     assert json.loads(lines[0]) == history[0]
 
 
+def test_a_run_whose_every_round_is_skipped_fails_and_writes_no_model(tmp_path: Path) -> None:
+    # Prepare: an update-norm bound no update meets, so every reply of every round is rejected
+    untrained = _config(tmp_path, "untrained", **{"num-server-rounds": 2, "max-update-norm": 1e-9})
+
+    # Execute / Assert: the run fails, naming the skipped rounds and where to look
+    with pytest.raises(runs.NothingTrainedError, match=r"round\(s\) 1, 2 were skipped") as err:
+        in_process_run(untrained, len(INSTANCES))
+    run_dir = tmp_path / "outputs" / "untrained"
+    assert str(run_dir / runs.HISTORY_JSON) in str(err.value)
+
+    # Assert: its history is kept, and no final model passes for a trained one
+    history = json.loads((run_dir / runs.HISTORY_JSON).read_text())
+    assert [(r["round"], r["skipped"]) for r in history] == [(1, True), (2, True)]
+    assert all(r["train"]["replies-rejected"] == len(INSTANCES) for r in history)
+    assert not (run_dir / runs.FINAL_MODEL).exists()
+    assert not (run_dir / "summary.json").exists()
+
+    # ... while a run that trained lists no skipped round in its summary
+    trained = _config(tmp_path, "trained", **{"num-server-rounds": 1})
+    in_process_run(trained, len(INSTANCES))
+    summary = json.loads((tmp_path / "outputs" / "trained" / "summary.json").read_text())
+    assert summary["rounds_skipped"] == [] and summary["rounds_run"] == 1
+
+
 def test_resuming_an_earlier_checkpoint_sets_the_later_ones_aside_and_cuts_the_audit(
     tmp_path: Path, unbroken: dict[str, torch.Tensor]
 ) -> None:

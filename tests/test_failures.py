@@ -248,13 +248,14 @@ def test_clientapp_that_raises_is_left_out_and_named(
     final = _final_weights(federation.run_dir("two-of-three"))
     assert any(not torch.equal(initial[k], final[k]) for k in initial)
 
-    # With min-train-replies 3 the round is skipped, logged, and the global model kept
-    assert status_skip == FINISHED_OK
+    # With min-train-replies 3 the round is skipped and logged; having trained nothing, the
+    # run fails, saying so, and leaves no final model to pass for a trained one
+    assert status_skip == "finished:failed"
     (record,) = federation.history("three-of-three")
     assert record["skipped"] and record["train"]["replies-ok"] == 2
     assert "min-train-replies is 3" in log_skip and "round skipped" in log_skip
-    final = _final_weights(federation.run_dir("three-of-three"))
-    assert all(torch.equal(initial[k], final[k]) for k in initial)
+    assert "no round changed the global model: round(s) 1 were skipped" in log_skip
+    assert not (federation.run_dir("three-of-three") / "final_model.pt").exists()
 
 
 TWO_OF_THREE = {
