@@ -11,7 +11,6 @@ import hashlib
 import json
 import logging
 import os
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -201,29 +200,60 @@ def default_cache_dir() -> Path:
     return Path.home() / ".cache" / "sigmax-fl" / "features"
 
 
-def _cached(instance_id: str, npz: Path, meta: Path) -> InstanceData | None:
-    """The cached arrays; None if there are none, or if they cannot be read.
+CACHED_ARRAYS = frozenset(
+    [f"{kind}_{split}" for kind in "Xyt" for split in SPLITS] + ["scaler_mean", "scaler_scale"]
+)
+"""The arrays :func:`build` makes: what a feature cache file must hold."""
 
-    A cache that cannot be read (left empty by a power cut under a version that did not sync
-    it, or damaged since) is built again from the source, with a warning that names it,
-    instead of failing every message of the instance until someone deletes it.
+
+class _UnusableCacheError(Exception):
+    """A cache file that cannot be read, or does not hold what :func:`build` makes."""
+
+    def __init__(self, path: Path, why: str) -> None:
+        super().__init__(f"{path} ({why})")
+
+
+def _cached(instance_id: str, npz: Path, meta: Path) -> InstanceData | None:
+    """The cached arrays; None if there are none, or if they cannot be used.
+
+    A cache that cannot be used (left empty by a power cut under a version that did not sync
+    it, damaged since, or not as :func:`build` makes it) is built again from the source, with
+    a warning that names the file, instead of failing every message of the instance until
+    someone deletes it. Nothing of it is trained on: the source is checked and featurised anew.
     """
     if not (npz.is_file() and meta.is_file()):
         return None
     try:
-        with np.load(npz) as stored:
-            arrays = dict(stored)
-        report = json.loads(meta.read_text(encoding="utf-8"))
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        arrays, report = _read_cache(npz, meta)
+    except _UnusableCacheError as err:
         log.warning(
-            "%s: cannot read the feature cache %s (%s: %s); building it again from the source",
+            "%s: cannot use the feature cache %s; building it again from the source",
             instance_id,
-            npz,
-            type(err).__name__,
             err,
         )
         return None
     return InstanceData(instance_id, arrays, report)
+
+
+def _read_cache(npz: Path, meta: Path) -> tuple[dict[str, np.ndarray], dict]:
+    """The arrays and report of a cache; :class:`_UnusableCacheError` naming the file at fault."""
+    try:
+        with np.load(npz) as stored:
+            arrays = dict(stored)
+    except Exception as err:  # a derived file: whatever broke it (zip, npy, I/O), rebuild it
+        raise _UnusableCacheError(npz, f"{type(err).__name__}: {err}") from err
+    if arrays.keys() != CACHED_ARRAYS:
+        raise _UnusableCacheError(npz, f"holds {sorted(arrays)}, expected {sorted(CACHED_ARRAYS)}")
+    for split in SPLITS:
+        if len({len(arrays[f"{kind}_{split}"]) for kind in "Xyt"}) != 1:
+            raise _UnusableCacheError(npz, f"X, y and t of {split} have different numbers of rows")
+    try:
+        report = json.loads(meta.read_text(encoding="utf-8"))
+    except Exception as err:  # as above: unreadable, not UTF-8, not JSON
+        raise _UnusableCacheError(meta, f"{type(err).__name__}: {err}") from err
+    if not isinstance(report, dict):
+        raise _UnusableCacheError(meta, f"holds a JSON {type(report).__name__}, expected an object")
+    return arrays, report
 
 
 def load_instance(

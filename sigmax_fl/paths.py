@@ -6,8 +6,9 @@ order: the folder above this package if its ``data/`` holds bars (running from t
 the source folder of the editable install that pip recorded in ``direct_url.json``.
 
 Every file that something later starts from (checkpoints, history, what instances keep, the
-feature cache, keys) is written by :func:`write_durably`: whole or not at all, on disk before it
-counts. It lives here, free of torch, so that modules kept torch-free can use it too.
+feature cache, keys) is on disk (fsynced, file and folder) before it counts, and a reader never
+sees half of one: :func:`write_durably` and its parts are here, free of torch, so that modules
+kept torch-free can use them too.
 """
 
 from __future__ import annotations

@@ -339,13 +339,16 @@ def test_an_instances_feature_cache_and_the_keys_are_on_disk_before_they_count(
     # Execute: a fresh instance caches its features, a deployment makes its keys, under strace
     first = _traced(CACHE_AND_KEYS, tmp_path, tmp_path / "trace.txt")
 
+    # Assert: each new folder's name is synced into its parent
+    cache, keys = tmp_path / "cache", tmp_path / "keys"
+    for folder in (cache, keys):
+        made = first(rf'^mkdir(at)?\(.*"{re.escape(str(folder))}"')
+        first(rf"^fsync\(\d+<{re.escape(str(tmp_path))}>\)", made)
     # Assert: each file's bytes are synced, then it is renamed into place, then its folder synced
-    cache = tmp_path / "cache"
     for name in (r"synthetic-0005-\w+\.npz", r"synthetic-0005-\w+\.json"):
         synced = first(rf"^fsync\(\d+<{re.escape(str(cache))}/\.{name}\.\w+\.tmp>\)")
         renamed = first(rf'^rename(at2?)?\(.*\.tmp", .*/cache/{name}"', synced)
         first(rf"^fsync\(\d+<{re.escape(str(cache))}>\)", renamed)
-    keys = tmp_path / "keys"
     for name in ("ca.key", "superlink.key", "supernode-alpha.key", "superlink.crt"):
         synced = first(rf"^fsync\(\d+<{re.escape(str(keys))}/\.{re.escape(name)}\.\w+\.tmp>\)")
         renamed = first(rf'^rename(at2?)?\(.*\.tmp", .*/keys/{re.escape(name)}"', synced)

@@ -188,31 +188,63 @@ def test_feature_cache_key_follows_the_spec_without_a_file() -> None:
     assert key != RECIPE.key(resolve_source("synthetic:instance=2"))
 
 
-@pytest.mark.parametrize("damage", ["emptied", "cut short"])
-def test_a_feature_cache_that_cannot_be_read_is_built_again_and_named(
+def _damage(npz: Path, meta: Path, damage: str) -> Path:
+    """Damage a cache as a power cut, a bad disk or another program could; the file at fault."""
+    whole = npz.read_bytes()
+    if damage == "empty arrays":
+        npz.write_bytes(b"")
+    elif damage == "arrays cut short":
+        npz.write_bytes(whole[: len(whole) // 2])
+    elif damage == "an array missing":
+        with np.load(npz) as stored:
+            kept = {k: v for k, v in stored.items() if k != "y_train"}
+        with npz.open("wb") as handle:
+            np.savez(handle, **kept)
+    elif damage == "empty report":
+        meta.write_bytes(b"")
+        return meta
+    else:  # "report not an object"
+        meta.write_text("null")
+        return meta
+    return npz
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        "empty arrays",
+        "arrays cut short",
+        "an array missing",
+        "empty report",
+        "report not an object",
+    ],
+)
+def test_a_feature_cache_that_cannot_be_used_is_built_again_and_named(
     damage: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    # Prepare: an instance's cached features, damaged as a power cut or a bad disk leaves them,
-    # and a fresh process (nothing kept in memory)
+    # Prepare: an instance's cached features, damaged, and a fresh process (nothing in memory)
     source = resolve_source("synthetic:instance=2:seed=43")
     monkeypatch.setattr(dataset, "_MEMORY", {})
     built = load_instance(source, RECIPE, tmp_path)
     (npz,) = tmp_path.glob("*.npz")
-    whole = npz.read_bytes()
-    npz.write_bytes(b"" if damage == "emptied" else whole[: len(whole) // 2])
+    at_fault = _damage(npz, npz.with_suffix(".json"), damage)
     monkeypatch.setattr(dataset, "_MEMORY", {})
 
     # Execute
     with caplog.at_level(logging.WARNING, logger="flwr.sigmax_fl.dataset"):
         again = load_instance(source, RECIPE, tmp_path)
 
-    # Assert: the file named, the same arrays built again from the source, the cache whole again
-    assert f"cannot read the feature cache {npz}" in caplog.text
-    assert again.arrays.keys() == built.arrays.keys()
+    # Assert: the file at fault named, the same arrays and report built again from the source,
+    # the cache whole again
+    assert f"cannot use the feature cache {at_fault} (" in caplog.text
+    assert again.arrays.keys() == built.arrays.keys() == dataset.CACHED_ARRAYS
     for name, array in built.arrays.items():
         np.testing.assert_array_equal(again.arrays[name], array)
-    with np.load(npz) as stored:
-        assert stored.keys() == built.arrays.keys()
+    assert again.report == built.report
+    monkeypatch.setattr(dataset, "_MEMORY", {})
+    caplog.clear()
+    assert load_instance(source, RECIPE, tmp_path).report == built.report
+    assert "feature cache" not in caplog.text
     if os.name == "posix":
         assert stat.S_IMODE(npz.stat().st_mode) == 0o600
     assert sorted(p.suffix for p in tmp_path.iterdir()) == [".json", ".npz"]

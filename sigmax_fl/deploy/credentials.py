@@ -40,7 +40,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from sigmax_fl.paths import PRIVATE, write_durably
+from sigmax_fl.paths import PRIVATE, make_folders, write_durably
 
 DEFAULT_HOSTS: tuple[str, ...] = ("localhost", "127.0.0.1")
 """Names the SuperLink certificate is valid for when none are given."""
@@ -144,7 +144,7 @@ def ensure_credentials(
         If a node name is not usable as a file name.
     """
     folder = folder.expanduser().resolve()
-    folder.mkdir(parents=True, exist_ok=True)
+    make_folders(folder)
     names = list(node_names)
     for name in names:
         if not _NODE_NAME.match(name):
