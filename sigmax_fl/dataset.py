@@ -204,6 +204,10 @@ CACHED_ARRAYS = frozenset(
     [f"{kind}_{split}" for kind in "Xyt" for split in SPLITS] + ["scaler_mean", "scaler_scale"]
 )
 """The arrays :func:`build` makes: what a feature cache file must hold."""
+CACHED_REPORT = frozenset(
+    ["instance_id", "venue", "source", "bars", "dropped_rows", "rows", "dates"]
+)
+"""The fields of the report :func:`build` makes, which the comparisons read."""
 
 
 class _UnusableCacheError(Exception):
@@ -245,14 +249,17 @@ def _read_cache(npz: Path, meta: Path) -> tuple[dict[str, np.ndarray], dict]:
     if arrays.keys() != CACHED_ARRAYS:
         raise _UnusableCacheError(npz, f"holds {sorted(arrays)}, expected {sorted(CACHED_ARRAYS)}")
     for split in SPLITS:
-        if len({len(arrays[f"{kind}_{split}"]) for kind in "Xyt"}) != 1:
-            raise _UnusableCacheError(npz, f"X, y and t of {split} have different numbers of rows")
+        X, y, t = (arrays[f"{kind}_{split}"] for kind in "Xyt")
+        if X.ndim != 2 or y.ndim != 1 or t.ndim != 1 or not len(X) == len(y) == len(t):
+            raise _UnusableCacheError(
+                npz, f"X, y and t of {split} have shapes {X.shape}, {y.shape}, {t.shape}"
+            )
     try:
         report = json.loads(meta.read_text(encoding="utf-8"))
     except Exception as err:  # as above: unreadable, not UTF-8, not JSON
         raise _UnusableCacheError(meta, f"{type(err).__name__}: {err}") from err
-    if not isinstance(report, dict):
-        raise _UnusableCacheError(meta, f"holds a JSON {type(report).__name__}, expected an object")
+    if not isinstance(report, dict) or not report.keys() >= CACHED_REPORT:
+        raise _UnusableCacheError(meta, f"expected a JSON object with {sorted(CACHED_REPORT)}")
     return arrays, report
 
 

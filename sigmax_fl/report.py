@@ -174,6 +174,11 @@ def _best_round(history: list[Record], summary: dict[str, Any] | None) -> str:
             f"{summary.get('final_model_round', '?')} of {summary.get('rounds_run', '?')} run"
             + (" (stopped early)." if summary.get("stopped_early") else ".")
         )
+    if history and all(r.get("skipped") for r in history):
+        return (
+            "No summary.json, and every round so far was skipped: nothing trained (a run that "
+            "ends so fails and writes no final model)."
+        )
     losses = _series(history, lambda r: r.get("evaluate", {}).get("val_loss"))
     if not np.isfinite(losses).any():
         return "No round has a validation loss yet."

@@ -119,24 +119,42 @@ def read_history(run_dir: Path) -> list[dict[str, Any]]:
 
 
 class NothingTrainedError(RuntimeError):
-    """Every round of a run was skipped: its model is still the one it started from."""
+    """No round a run's final model comes from changed it: it is the one the run started from."""
 
 
-def check_trained(run_dir: Path, history: list[dict[str, Any]]) -> list[int]:
+def check_trained(run_dir: Path, history: list[dict[str, Any]], final_round: int) -> list[int]:
     """The rounds of ``history`` that were skipped (global model kept), in order.
 
-    Raises :class:`NothingTrainedError` if there were rounds and every one was skipped: such a run
-    must not end as finished with a ``final_model.pt``, which automation would deploy as a
-    trained model. Its history is written; a resumed run continues from its checkpoints.
+    Raises :class:`NothingTrainedError` if no round up to ``final_round`` (the final model's:
+    the last, or the best under early stopping) changed the global model, or no round ran at
+    all. Such a run must not end as finished with a ``final_model.pt``, which automation would
+    deploy as a trained model. Its history is written; a resumed run continues from its
+    checkpoints.
     """
     skipped = [int(record["round"]) for record in history if record.get("skipped")]
-    if history and len(skipped) == len(history):
-        raise NothingTrainedError(
-            f"no round changed the global model: round(s) {', '.join(map(str, skipped))} "
-            f"were skipped ({run_dir / HISTORY_JSON} gives each instance's reply and why); "
-            "no final model is written"
+    if any(int(r["round"]) <= final_round and not r.get("skipped") for r in history):
+        return skipped
+    if not history:
+        why = "no round ran (the run stopped before its first, e.g. for dp-target-epsilon)"
+    elif len(skipped) == len(history):
+        why = f"{_rounds(skipped)} skipped"
+    else:
+        up_to = [r for r in skipped if r <= final_round]
+        why = (
+            f"the final model is round {final_round}'s, the best by validation, and "
+            f"{_rounds(up_to)} skipped up to it"
         )
-    return skipped
+    raise NothingTrainedError(
+        f"no round changed the global model: {why} ({run_dir / HISTORY_JSON} gives each "
+        "instance's reply and why); no final model is written"
+    )
+
+
+def _rounds(numbers: list[int]) -> str:
+    """``round 1 was`` / ``rounds 1, 2 were``."""
+    if len(numbers) == 1:
+        return f"round {numbers[0]} was"
+    return f"rounds {', '.join(map(str, numbers))} were"
 
 
 def save_model(run_dir: Path, state_dict: dict[str, torch.Tensor], name: str = FINAL_MODEL) -> Path:

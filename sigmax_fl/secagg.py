@@ -851,15 +851,15 @@ def main(
         log.info("sigmax-fl: %s", _progress(record, settings.num_server_rounds))
 
     result = run_secagg(grid, context, settings, initial, on_round)
-    runs.write_json(run_dir / runs.HISTORY_JSON, result.history)
-    skipped = runs.check_trained(run_dir, result.history)
-    path = runs.save_model(
-        run_dir, {k: torch.from_numpy(np.array(v)) for k, v in result.arrays.items()}
-    )
     final_round = (
         result.best_round
         if settings.early_stopping_patience and result.best_round
         else result.rounds_run
+    )
+    runs.write_json(run_dir / runs.HISTORY_JSON, result.history)
+    skipped = runs.check_trained(run_dir, result.history, final_round)
+    path = runs.save_model(
+        run_dir, {k: torch.from_numpy(np.array(v)) for k, v in result.arrays.items()}
     )
     runs.write_json(
         run_dir / "summary.json",
@@ -876,4 +876,10 @@ def main(
             "privacy": result.history[-1].get("privacy") if result.history else None,
         },
     )
+    if skipped:
+        log.warning(
+            "sigmax-fl: round(s) %s skipped, global model kept (see %s)",
+            ", ".join(map(str, skipped)),
+            run_dir / runs.HISTORY_JSON,
+        )
     log.info("sigmax-fl: history %s", run_dir / runs.HISTORY_JSON)

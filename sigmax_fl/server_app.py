@@ -529,8 +529,9 @@ def main(grid: Grid, context: Context) -> None:
         if settings.early_stopping_patience and state.best_arrays
         else state.arrays
     )
+    final_round = state.best_round if final is state.best_arrays else state.round
     runs.write_json(run_dir / runs.HISTORY_JSON, list(state.history))
-    skipped = runs.check_trained(run_dir, state.history)
+    skipped = runs.check_trained(run_dir, state.history, final_round)
     path = runs.save_model(
         run_dir,
         {k: torch.from_numpy(np.array(v)) for k, v in final.items()},
@@ -545,7 +546,7 @@ def main(grid: Grid, context: Context) -> None:
         "best_round": state.best_round,
         "best_metric": settings.early_stopping_metric,
         "best_value": state.best_score,
-        "final_model_round": state.best_round if final is state.best_arrays else state.round,
+        "final_model_round": final_round,
         "final_model": str(path),
     }
     runs.write_json(run_dir / "summary.json", summary)

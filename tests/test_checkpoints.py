@@ -174,7 +174,7 @@ def test_a_run_whose_every_round_is_skipped_fails_and_writes_no_model(tmp_path: 
     untrained = _config(tmp_path, "untrained", **{"num-server-rounds": 2, "max-update-norm": 1e-9})
 
     # Execute / Assert: the run fails, naming the skipped rounds and where to look
-    with pytest.raises(runs.NothingTrainedError, match=r"round\(s\) 1, 2 were skipped") as err:
+    with pytest.raises(runs.NothingTrainedError, match=r": rounds 1, 2 were skipped \(") as err:
         in_process_run(untrained, len(INSTANCES))
     run_dir = tmp_path / "outputs" / "untrained"
     assert str(run_dir / runs.HISTORY_JSON) in str(err.value)
@@ -191,6 +191,37 @@ def test_a_run_whose_every_round_is_skipped_fails_and_writes_no_model(tmp_path: 
     in_process_run(trained, len(INSTANCES))
     summary = json.loads((tmp_path / "outputs" / "trained" / "summary.json").read_text())
     assert summary["rounds_skipped"] == [] and summary["rounds_run"] == 1
+
+
+def _record(server_round: int, skipped: bool) -> dict:
+    return {"round": server_round, "skipped": skipped}
+
+
+@pytest.mark.parametrize(
+    ("skipped", "final_round", "message"),
+    [
+        ([], 0, "no round ran"),
+        ([True, False], 1, "the final model is round 1's, the best by validation, and round 1 was"),
+        ([True, False, False], 1, "round 1 was skipped up to it"),
+    ],
+)
+def test_a_final_model_no_round_trained_is_refused(
+    tmp_path: Path, skipped: list[bool], final_round: int, message: str
+) -> None:
+    history = [_record(r, s) for r, s in enumerate(skipped, start=1)]
+    with pytest.raises(runs.NothingTrainedError, match=re.escape(message)):
+        runs.check_trained(tmp_path, history, final_round)
+
+
+@pytest.mark.parametrize(
+    ("skipped", "final_round", "listed"),
+    [([True, False], 2, [1]), ([False, True], 2, [2]), ([False, True, True], 1, [2, 3])],
+)
+def test_a_final_model_some_round_trained_passes_and_the_skipped_are_listed(
+    tmp_path: Path, skipped: list[bool], final_round: int, listed: list[int]
+) -> None:
+    history = [_record(r, s) for r, s in enumerate(skipped, start=1)]
+    assert runs.check_trained(tmp_path, history, final_round) == listed
 
 
 def test_resuming_an_earlier_checkpoint_sets_the_later_ones_aside_and_cuts_the_audit(

@@ -131,3 +131,17 @@ def test_the_run_config_names_the_target_when_no_metric_was_shared(run_dir: Path
     markdown = report.report(run_dir).read_text()
 
     assert "QLIKE" in markdown and "hit rate" not in markdown
+
+
+def test_report_of_a_run_that_trained_nothing_says_so(tmp_path: Path) -> None:
+    # Prepare: every round skipped, and no summary.json (such a run fails at its end)
+    history = [{**r, "skipped": True, "train": {}} for r in _history()]
+    (tmp_path / "history.json").write_text(json.dumps(history))
+
+    # Execute
+    assert cli.main(["report", str(tmp_path)]) == 0
+
+    # Assert: no round is offered as the best one
+    text = (tmp_path / "report.md").read_text()
+    assert "every round so far was skipped: nothing trained" in text
+    assert "Lowest validation loss so far" not in text

@@ -200,8 +200,16 @@ def _damage(npz: Path, meta: Path, damage: str) -> Path:
             kept = {k: v for k, v in stored.items() if k != "y_train"}
         with npz.open("wb") as handle:
             np.savez(handle, **kept)
+    elif damage == "arrays without rows":
+        with np.load(npz) as stored:
+            scalars = {k: np.float32(0) for k in stored}
+        with npz.open("wb") as handle:
+            np.savez(handle, **scalars)
     elif damage == "empty report":
         meta.write_bytes(b"")
+        return meta
+    elif damage == "report without its fields":
+        meta.write_text("{}")
         return meta
     else:  # "report not an object"
         meta.write_text("null")
@@ -215,7 +223,9 @@ def _damage(npz: Path, meta: Path, damage: str) -> Path:
         "empty arrays",
         "arrays cut short",
         "an array missing",
+        "arrays without rows",
         "empty report",
+        "report without its fields",
         "report not an object",
     ],
 )
@@ -240,7 +250,7 @@ def test_a_feature_cache_that_cannot_be_used_is_built_again_and_named(
     assert again.arrays.keys() == built.arrays.keys() == dataset.CACHED_ARRAYS
     for name, array in built.arrays.items():
         np.testing.assert_array_equal(again.arrays[name], array)
-    assert again.report == built.report
+    assert again.report == built.report and again.report.keys() >= dataset.CACHED_REPORT
     monkeypatch.setattr(dataset, "_MEMORY", {})
     caplog.clear()
     assert load_instance(source, RECIPE, tmp_path).report == built.report
