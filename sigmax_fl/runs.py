@@ -22,6 +22,7 @@ from sigmax_fl.paths import make_folders, project_root, sync_folder, write_durab
 OUTPUTS_DIR_ENV = "SIGMAX_FL_OUTPUTS_DIR"
 HISTORY_JSONL = "history.jsonl"
 HISTORY_JSON = "history.json"
+SUMMARY_JSON = "summary.json"
 FINAL_MODEL = "final_model.pt"
 
 
@@ -296,7 +297,8 @@ def rewind(checkpoint: Path, payload: dict[str, Any]) -> tuple[list[dict[str, An
     in place, fsynced, to the checkpoint's lines (a format 1 checkpoint writes its own),
     ``audit.jsonl`` keeps the lines of its rounds, and checkpoints of later rounds, which
     belong to the run being abandoned, are renamed ``round-NNNNN.pt.abandoned``: a later
-    ``resume-from`` would otherwise pick one whose history is gone.
+    ``resume-from`` would otherwise pick one whose history is gone. So are that run's final
+    model, ``summary.json`` and ``history.json`` if it finished, and the renames are synced.
     """
     run_dir = checkpoint.parent.parent
     path = run_dir / HISTORY_JSONL
@@ -315,9 +317,16 @@ def rewind(checkpoint: Path, payload: dict[str, Any]) -> tuple[list[dict[str, An
         digest = payload["history_digest"]
     if audit is not None:
         _replace_lines(run_dir / AUDIT_JSONL, audit)
-    for later in sorted(checkpoint.parent.glob("round-*.pt")):
-        if later.name > checkpoint.name:
-            os.replace(later, later.with_name(later.name + ".abandoned"))
+    later = [p for p in sorted(checkpoint.parent.glob("round-*.pt")) if p.name > checkpoint.name]
+    if later:
+        # The run they belong to may have finished: its final model, summary and history list
+        # are not this run's, and must not stand beside its history if it fails or stops
+        finished = [run_dir / name for name in (HISTORY_JSON, SUMMARY_JSON)]
+        for old in [*later, *run_dir.glob("final_*.pt"), *finished]:
+            if old.is_file():
+                os.replace(old, old.with_name(old.name + ".abandoned"))
+        sync_folder(checkpoint.parent)
+        sync_folder(run_dir)
     return records, digest
 
 

@@ -862,7 +862,7 @@ def main(
         run_dir, {k: torch.from_numpy(np.array(v)) for k, v in result.arrays.items()}
     )
     runs.write_json(
-        run_dir / "summary.json",
+        run_dir / runs.SUMMARY_JSON,
         {
             "rounds_run": result.rounds_run,
             "rounds_skipped": skipped,

@@ -549,7 +549,7 @@ def main(grid: Grid, context: Context) -> None:
         "final_model_round": final_round,
         "final_model": str(path),
     }
-    runs.write_json(run_dir / "summary.json", summary)
+    runs.write_json(run_dir / runs.SUMMARY_JSON, summary)
     if skipped:
         log.warning(
             "sigmax-fl: round(s) %s skipped, global model kept (see %s)",

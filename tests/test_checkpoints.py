@@ -238,11 +238,20 @@ def test_resuming_an_earlier_checkpoint_sets_the_later_ones_aside_and_cuts_the_a
     rewound = {**config, "num-server-rounds": 2, "resume-from": str(folder / "round-00001.pt")}
     in_process_run(rewound, len(INSTANCES))
     abandoned = sorted(p.name for p in folder.glob("*.abandoned"))
+    finished = sorted(p.name for p in run_dir.glob("*.abandoned"))
+    old_final = torch.load(run_dir / "final_model.pt.abandoned", weights_only=True)
+    old_summary = json.loads((run_dir / "summary.json.abandoned").read_text())
     resumed = in_process_run({**config, "resume-from": "latest"}, len(INSTANCES))
 
     # Assert: the old run's rounds 2 and 3 were set aside (their history is gone), so
     # "latest" found the rewound run's round 2; the audit holds each round once
     assert abandoned == ["round-00002.pt.abandoned", "round-00003.pt.abandoned"]
+    # ... and so were its final model, summary and history list, the old run's own
+    assert finished == [
+        f"{name}.abandoned" for name in ("final_model.pt", "history.json", "summary.json")
+    ]
+    _same(old_final, unbroken)
+    assert old_summary["rounds_run"] == 3
     _same(resumed, unbroken)
     audit = [json.loads(line) for line in (run_dir / runs.AUDIT_JSONL).read_text().splitlines()]
     entries = sorted((a["round"], a["instance_id"]) for a in audit)
