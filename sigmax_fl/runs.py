@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import time
 import uuid
@@ -23,6 +24,9 @@ OUTPUTS_DIR_ENV = "SIGMAX_FL_OUTPUTS_DIR"
 HISTORY_JSONL = "history.jsonl"
 HISTORY_JSON = "history.json"
 SUMMARY_JSON = "summary.json"
+
+# A child of Flower's logger, so these lines reach `flwr log` and the run's stream.
+log = logging.getLogger(f"flwr.{__name__}")
 FINAL_MODEL = "final_model.pt"
 
 
@@ -124,7 +128,7 @@ class NothingTrainedError(RuntimeError):
 
 
 def check_trained(run_dir: Path, history: list[dict[str, Any]], final_round: int) -> list[int]:
-    """The rounds of ``history`` that were skipped (global model kept), in order.
+    """The rounds of ``history`` that were skipped (global model kept), in order, logged.
 
     Raises :class:`NothingTrainedError` if no round up to ``final_round`` (the final model's:
     the last, or the best under early stopping) changed the global model, or no round ran at
@@ -134,6 +138,12 @@ def check_trained(run_dir: Path, history: list[dict[str, Any]], final_round: int
     """
     skipped = [int(record["round"]) for record in history if record.get("skipped")]
     if any(int(r["round"]) <= final_round and not r.get("skipped") for r in history):
+        if skipped:
+            log.warning(
+                "sigmax-fl: %s skipped, global model kept (see %s)",
+                _rounds(skipped),
+                run_dir / HISTORY_JSON,
+            )
         return skipped
     if not history:
         why = "no round ran (the run stopped before its first, e.g. for dp-target-epsilon)"

@@ -876,10 +876,4 @@ def main(
             "privacy": result.history[-1].get("privacy") if result.history else None,
         },
     )
-    if skipped:
-        log.warning(
-            "sigmax-fl: round(s) %s skipped, global model kept (see %s)",
-            ", ".join(map(str, skipped)),
-            run_dir / runs.HISTORY_JSON,
-        )
     log.info("sigmax-fl: history %s", run_dir / runs.HISTORY_JSON)

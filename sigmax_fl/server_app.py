@@ -550,12 +550,6 @@ def main(grid: Grid, context: Context) -> None:
         "final_model": str(path),
     }
     runs.write_json(run_dir / runs.SUMMARY_JSON, summary)
-    if skipped:
-        log.warning(
-            "sigmax-fl: round(s) %s skipped, global model kept (see %s)",
-            ", ".join(map(str, skipped)),
-            run_dir / runs.HISTORY_JSON,
-        )
     log.info(
         "sigmax-fl: best round %d (%s=%s); final model %s",
         state.best_round,

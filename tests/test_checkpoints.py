@@ -11,6 +11,7 @@ so do the other files something later starts from: an instance's feature cache, 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -218,10 +219,17 @@ def test_a_final_model_no_round_trained_is_refused(
     [([True, False], 2, [1]), ([False, True], 2, [2]), ([False, True, True], 1, [2, 3])],
 )
 def test_a_final_model_some_round_trained_passes_and_the_skipped_are_listed(
-    tmp_path: Path, skipped: list[bool], final_round: int, listed: list[int]
+    tmp_path: Path,
+    skipped: list[bool],
+    final_round: int,
+    listed: list[int],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     history = [_record(r, s) for r, s in enumerate(skipped, start=1)]
-    assert runs.check_trained(tmp_path, history, final_round) == listed
+    with caplog.at_level(logging.WARNING, logger="flwr.sigmax_fl.runs"):
+        assert runs.check_trained(tmp_path, history, final_round) == listed
+    said = f"{', '.join(map(str, listed))} {'was' if len(listed) == 1 else 'were'} skipped"
+    assert said in caplog.text and str(tmp_path / runs.HISTORY_JSON) in caplog.text
 
 
 def test_resuming_an_earlier_checkpoint_sets_the_later_ones_aside_and_cuts_the_audit(
