@@ -6,7 +6,9 @@ square for the norm, its weighted sum), each a separate sweep through the caches
 model's pass ran at 2-3x the time it takes to read the replies. Here one loop reads
 ``w_k - w_global`` once and feeds the squared norm and the weighted sum from it, eight replies
 at a time per register tile, :data:`THREADS` threads taking runs of up to :data:`CHUNK` tiles
-from one shared counter (ctypes releases the GIL).
+from one shared counter. The threads are the kernel's own, POSIX threads started and joined
+inside the call (which ctypes makes without the GIL): at 1M parameters a pass takes 2-3 ms
+here, and a Python thread per pass, started and handed the GIL, added about 0.4 ms to it.
 
 The source below travels inside the package (so inside Flower's FAB); ``cc`` (or ``$CC``)
 builds it into a private temporary directory once per process, and only for models of at
@@ -31,7 +33,6 @@ import shlex
 import shutil
 import subprocess
 import tempfile
-import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -63,6 +64,7 @@ THREADS = max(1, min(8, _cores()))
 memory bandwidth, and a few saturate it."""
 
 SOURCE = r"""
+#include <pthread.h>
 #include <stdint.h>
 
 #define TILE %(tile)d
@@ -146,23 +148,52 @@ void sigmax_fused_pass(int64_t arrays, int64_t replies, const float *const *xs,
     }
 }
 
-/* Tiles [0, tiles), `chunk` at a time, each run taken from the counter *next shared by every
-   thread of the pass: a thread that loses its core to another process takes fewer runs
-   instead of holding the whole pass back. */
-void sigmax_fused_shared(int64_t arrays, int64_t replies, const float *const *xs,
-                         const float *const *gs, float *const *outs, const int64_t *lens,
-                         const float *w, double *sq, int64_t tiles, int64_t chunk, int64_t *next)
+struct pass {
+    int64_t arrays, replies;
+    const float *const *xs, *const *gs;
+    float *const *outs;
+    const int64_t *lens;
+    const float *w;
+    double *sq;
+    int64_t tiles, chunk, next;
+};
+
+/* Tiles [0, tiles), `chunk` at a time, each run taken from the counter shared by every thread
+   of the pass: a thread that loses its core to another process takes fewer runs instead of
+   holding the whole pass back. */
+static void *take_runs(void *arg)
 {
+    struct pass *p = arg;
     for (;;) {
-        const int64_t t0 = __atomic_fetch_add(next, chunk, __ATOMIC_RELAXED);
-        if (t0 >= tiles) return;
-        sigmax_fused_pass(arrays, replies, xs, gs, outs, lens, w, sq, t0,
-                          t0 + chunk < tiles ? t0 + chunk : tiles);
+        const int64_t t0 = __atomic_fetch_add(&p->next, p->chunk, __ATOMIC_RELAXED);
+        if (t0 >= p->tiles) return NULL;
+        sigmax_fused_pass(p->arrays, p->replies, p->xs, p->gs, p->outs, p->lens, p->w, p->sq, t0,
+                          t0 + p->chunk < p->tiles ? t0 + p->chunk : p->tiles);
     }
+}
+
+#define MAX_HELPERS 63
+
+/* The whole pass on up to `threads` threads, the caller's among them; returns how many helper
+   threads ran. A helper that cannot be started only leaves more runs to the others. */
+int64_t sigmax_fused_threads(int64_t arrays, int64_t replies, const float *const *xs,
+                             const float *const *gs, float *const *outs, const int64_t *lens,
+                             const float *w, double *sq, int64_t tiles, int64_t chunk,
+                             int64_t threads)
+{
+    struct pass p = {arrays, replies, xs, gs, outs, lens, w, sq, tiles, chunk, 0};
+    pthread_t helpers[MAX_HELPERS];
+    int64_t started = 0;
+    while (started < threads - 1 && started < MAX_HELPERS
+           && pthread_create(&helpers[started], NULL, take_runs, &p) == 0)
+        started++;
+    take_runs(&p);
+    for (int64_t i = 0; i < started; i++) pthread_join(helpers[i], NULL);
+    return started;
 }
 """
 
-_FLAGS = ("-O3", "-ffp-contract=off", "-shared", "-fPIC")
+_FLAGS = ("-O3", "-ffp-contract=off", "-shared", "-fPIC", "-pthread")
 _P = ctypes.c_void_p
 _I = ctypes.c_int64
 
@@ -221,9 +252,9 @@ def _build(compiler: list[str]) -> tuple[ctypes.CDLL | None, str]:
                 continue
             if built.returncode == 0:
                 kernel = ctypes.CDLL(str(lib))  # mapped now: the file may go with the directory
-                fn = kernel.sigmax_fused_shared
-                fn.argtypes = [_I, _I, _P, _P, _P, _P, _P, _P, _I, _I, _P]
-                fn.restype = None
+                fn = kernel.sigmax_fused_threads
+                fn.argtypes = [_I, _I, _P, _P, _P, _P, _P, _P, _I, _I, _I]
+                fn.restype = _I
                 return kernel, ""
             problem = (built.stderr.strip().splitlines() or ["no output"])[-1]
     return None, problem
@@ -323,27 +354,5 @@ def norms_and_average(
     parts = max(1, min(threads, tiles))
     # Runs of up to CHUNK tiles, and at least 8 runs a thread where there are enough tiles,
     # so that a small model is shared out too.
-    next_tile = np.zeros(1, dtype=np.int64)
-    args += (tiles, max(1, min(CHUNK, tiles // (8 * parts))), next_tile.ctypes.data)
-    failed: list[BaseException] = []
-
-    def part() -> None:
-        try:
-            kernel.sigmax_fused_shared(*args)
-        except BaseException as err:  # re-raised below: half an average must never be used
-            failed.append(err)
-
-    helpers: list[threading.Thread] = []
-    try:
-        for _ in range(1, parts):
-            helpers.append(threading.Thread(target=part))
-            helpers[-1].start()
-        part()
-    finally:
-        # Whatever happens here, no thread may still write into out (or read freed inputs)
-        # once this function is left.
-        for t in helpers:
-            t.join()
-    if failed:
-        raise failed[0]
+    kernel.sigmax_fused_threads(*args, tiles, max(1, min(CHUNK, tiles // (8 * parts))), parts)
     return np.sqrt(sq.sum(axis=0))
