@@ -300,61 +300,112 @@ def _digest(lines: list[str]) -> str:
     return digest
 
 
+ABANDONED = "abandoned"
+"""Folder of a run's folder where each resume that drops something sets it aside."""
+
+
 def rewind(checkpoint: Path, payload: dict[str, Any]) -> tuple[list[dict[str, Any]], str]:
     """Bring a run's folder back to a checkpoint; its history and the history's digest.
 
-    Checked before anything changes (:func:`_named_lines`); then ``history.jsonl`` is cut
-    in place, fsynced, to the checkpoint's lines (a format 1 checkpoint writes its own),
-    ``audit.jsonl`` keeps the lines of its rounds, and checkpoints of later rounds, which
-    belong to the run being abandoned, are renamed ``round-NNNNN.pt.abandoned``: a later
-    ``resume-from`` would otherwise pick one whose history is gone. So are that run's final
-    model, ``summary.json`` and ``history.json`` if it finished, and the renames are synced.
+    Checked before anything changes (:func:`_named_lines`, :func:`_audit_split`). What the
+    resumed run no longer stands on is then set aside, never deleted (:func:`_set_aside`): the
+    lines of ``history.jsonl`` and ``audit.jsonl`` after the checkpoint's rounds, checkpoints
+    of later rounds (a later ``resume-from`` would otherwise pick one whose history is gone)
+    and, if there are any, the final model, ``summary.json`` and ``history.json`` of the run
+    they belong to. Only then are ``history.jsonl`` cut in place and ``audit.jsonl``
+    rewritten, both fsynced (a format 1 checkpoint writes its own history).
     """
     run_dir = checkpoint.parent.parent
     path = run_dir / HISTORY_JSONL
-    audit = _audit_up_to(checkpoint, run_dir / AUDIT_JSONL, int(payload["round"]))
+    audit = _audit_split(checkpoint, run_dir / AUDIT_JSONL, int(payload["round"]))
+    found = path.read_bytes().splitlines(keepends=True) if path.is_file() else []
     if payload["format"] == 1:
         records = json.loads(payload["history"])
         lines = [json.dumps(r, default=str) for r in records]
-        _replace_lines(path, lines)
+        # The checkpoint's records replace the file: unless it starts with them, all of it goes
+        old = [x.rstrip(b"\r\n").decode("utf-8", "replace") for x in found[: len(lines)]]
+        kept = len(lines) if old == lines else 0
         digest = _digest(lines)
     else:
         lines = _named_lines(checkpoint, payload)
         records = [json.loads(line) for line in lines]
-        with path.open("ab") as handle:  # created if a run with no scored round lost it
-            handle.truncate(sum(len(line.encode()) + 1 for line in lines))
-            os.fsync(handle.fileno())
-        digest = payload["history_digest"]
-    if audit is not None:
-        _replace_lines(run_dir / AUDIT_JSONL, audit)
+        kept, digest = len(lines), payload["history_digest"]
     later = [p for p in sorted(checkpoint.parent.glob("round-*.pt")) if p.name > checkpoint.name]
-    if later:
-        # The run they belong to may have finished: its final model, summary and history list
-        # are not this run's, and must not stand beside its history if it fails or stops
-        finished = [run_dir / name for name in (HISTORY_JSON, SUMMARY_JSON)]
-        for old in [*later, *run_dir.glob("final_*.pt"), *finished]:
-            if old.is_file():
-                os.replace(old, old.with_name(old.name + ".abandoned"))
-        sync_folder(checkpoint.parent)
-        sync_folder(run_dir)
+    # The run later checkpoints belong to may have finished: its final model, summary and
+    # history list are not this run's, and must not stand beside its history
+    ended = [run_dir / name for name in (HISTORY_JSON, SUMMARY_JSON)]
+    files = [*later, *run_dir.glob("final_*.pt"), *ended] if later else []
+    _set_aside(
+        checkpoint,
+        [f for f in files if f.is_file()],
+        {HISTORY_JSONL: b"".join(found[kept:]), AUDIT_JSONL: audit[1] if audit else b""},
+    )
+    if payload["format"] == 1:
+        _replace_lines(path, lines)
+    else:
+        with path.open("ab") as handle:  # created if a run with no scored round lost it
+            handle.truncate(sum(len(line) for line in found[:kept]))
+            os.fsync(handle.fileno())
+    if audit is not None:
+        _replace_lines(run_dir / AUDIT_JSONL, audit[0])
     return records, digest
 
 
-def _audit_up_to(checkpoint: Path, path: Path, server_round: int) -> list[str] | None:
-    """The audit lines of rounds up to ``server_round``; None if that is every line.
+def _set_aside(checkpoint: Path, files: list[Path], cut: dict[str, bytes]) -> None:
+    """Move ``files`` and write the ``cut`` lines into a new folder of :data:`ABANDONED`.
 
-    The last line may be one a crash cut short: it is dropped. Any other line that is not an
-    audit entry is refused, as the history is: the file is not the server's any more.
+    One folder per resume, numbered in order and named by the checkpoint and the time, so a
+    second resume from an earlier round never overwrites what the first set aside. The cut
+    lines are on disk before the caller cuts them from the run's files; a crash in between
+    only sets them aside twice. Nothing to set aside: no folder.
+    """
+    cut = {name: data for name, data in cut.items() if data}
+    if not files and not cut:
+        return
+    run_dir = checkpoint.parent.parent
+    aside = make_folders(run_dir / ABANDONED)
+    numbers = [p.name.split("-", 1)[0] for p in aside.iterdir()]
+    number = max((int(n) for n in numbers if n.isdigit()), default=0) + 1
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    while True:
+        folder = aside / f"{number:04d}-resumed-from-{checkpoint.stem}-{stamp}"
+        try:
+            folder.mkdir()
+        except FileExistsError:
+            number += 1
+        else:
+            sync_folder(aside)
+            break
+    for file_name, data in cut.items():
+        write_durably(folder / file_name, lambda handle, data=data: handle.write(data))
+    if any(f.parent != run_dir for f in files):
+        make_folders(folder / checkpoint.parent.name)
+    for f in files:
+        os.replace(f, folder / f.relative_to(run_dir))
+    for synced in {folder, folder / checkpoint.parent.name, checkpoint.parent, run_dir}:
+        if synced.is_dir():
+            sync_folder(synced)
+    log.info("sigmax-fl: resuming from %s set aside %s", checkpoint.name, folder)
+
+
+def _audit_split(checkpoint: Path, path: Path, server_round: int) -> tuple[list[str], bytes] | None:
+    """The audit lines of rounds up to ``server_round``, and the bytes of the others.
+
+    None if every line is kept. The last line may be one a crash cut short: it goes with the
+    others. Any other line that is not an audit entry is refused, as the history is: the file
+    is not the server's any more.
     """
     if not path.is_file():
         return None
-    found = path.read_text().splitlines()
-    kept = []
-    for number, line in enumerate(found, 1):
+    found = path.read_bytes().splitlines(keepends=True)
+    kept, dropped = [], []
+    for number, raw in enumerate(found, 1):
+        line = raw.decode("utf-8", "replace").rstrip("\r\n")
         try:
             entry_round = int(json.loads(line)["round"])
         except (json.JSONDecodeError, KeyError, TypeError, ValueError):
             if number == len(found):
+                dropped.append(raw)
                 continue
             raise ValueError(
                 f"resume-from {checkpoint}: {path} line {number} is not an audit entry (a JSON "
@@ -362,7 +413,9 @@ def _audit_up_to(checkpoint: Path, path: Path, server_round: int) -> list[str] |
             ) from None
         if entry_round <= server_round:
             kept.append(line)
-    return kept if len(kept) < len(found) else None
+        else:
+            dropped.append(raw)
+    return (kept, b"".join(dropped)) if dropped else None
 
 
 def _replace_lines(path: Path, lines: list[str]) -> None:

@@ -132,6 +132,8 @@ def test_resume_drops_history_lines_after_the_checkpoint_and_ends_with_the_same_
     history = run_dir / runs.HISTORY_JSONL
     with history.open("a") as handle:
         handle.write('{"round": 3, "cut sh')
+    named = _checkpoint(run_dir, 2)["history_rounds"]
+    dropped = b"".join(history.read_bytes().splitlines(keepends=True)[named:])
 
     # Execute
     resumed = in_process_run({**config, "resume-from": "latest"}, len(INSTANCES))
@@ -141,6 +143,10 @@ def test_resume_drops_history_lines_after_the_checkpoint_and_ends_with_the_same_
     _same(resumed, unbroken)
     rounds = [json.loads(line)["round"] for line in history.read_text().splitlines()]
     assert rounds == [1, 2, 3]
+    # ... and the lines it dropped are set aside as they were, not lost
+    (aside,) = _set_aside(run_dir)
+    assert aside.name.startswith("0001-resumed-from-round-00002-")
+    assert _files(aside) == {runs.HISTORY_JSONL: dropped}
     last = run_dir / runs.CHECKPOINTS / "round-00003.pt"
     named = runs.checkpointed_history(last, runs.read_checkpoint(last))
     assert [r["round"] for r in named] == [1, 2]
@@ -232,38 +238,77 @@ def test_a_final_model_some_round_trained_passes_and_the_skipped_are_listed(
     assert said in caplog.text and str(tmp_path / runs.HISTORY_JSON) in caplog.text
 
 
-def test_resuming_an_earlier_checkpoint_sets_the_later_ones_aside_and_cuts_the_audit(
+def _set_aside(run_dir: Path) -> list[Path]:
+    """The folders resumes of this run set dropped files and lines aside in, oldest first."""
+    folder = run_dir / runs.ABANDONED
+    return sorted(folder.iterdir()) if folder.is_dir() else []
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()
+    }
+
+
+def test_resuming_an_earlier_checkpoint_sets_aside_what_it_drops_and_a_second_one_too(
     tmp_path: Path, unbroken: dict[str, torch.Tensor]
 ) -> None:
-    # Prepare: a finished 3-round run
+    # Prepare: a finished 3-round run, its history and audit
     config = _config(tmp_path, "rewound")
     in_process_run(config, len(INSTANCES))
     run_dir = tmp_path / "outputs" / "rewound"
     folder = run_dir / runs.CHECKPOINTS
+    named = _checkpoint(run_dir, 1)["history_rounds"]
+    old_history = (run_dir / runs.HISTORY_JSONL).read_bytes().splitlines(keepends=True)
+    old_audit = (run_dir / runs.AUDIT_JSONL).read_bytes().splitlines(keepends=True)
+    back_to_1 = {**config, "num-server-rounds": 2, "resume-from": str(folder / "round-00001.pt")}
 
     # Execute: taken back to round 1 and stopped after round 2 (as a crash would stop it),
-    # then resumed from the newest checkpoint
-    rewound = {**config, "num-server-rounds": 2, "resume-from": str(folder / "round-00001.pt")}
-    in_process_run(rewound, len(INSTANCES))
-    abandoned = sorted(p.name for p in folder.glob("*.abandoned"))
-    finished = sorted(p.name for p in run_dir.glob("*.abandoned"))
-    old_final = torch.load(run_dir / "final_model.pt.abandoned", weights_only=True)
-    old_summary = json.loads((run_dir / "summary.json.abandoned").read_text())
+    # then resumed from the newest checkpoint, then taken back to round 1 once more
+    in_process_run(back_to_1, len(INSTANCES))
+    (first,) = _set_aside(run_dir)
+    first_files = _files(first)
+    named_by_2 = _checkpoint(run_dir, 2)["history_rounds"]
+    lines = (run_dir / runs.HISTORY_JSONL).read_bytes().splitlines(keepends=True)
+    closing = b"".join(lines[named_by_2:])
     resumed = in_process_run({**config, "resume-from": "latest"}, len(INSTANCES))
-
-    # Assert: the old run's rounds 2 and 3 were set aside (their history is gone), so
-    # "latest" found the rewound run's round 2; the audit holds each round once
-    assert abandoned == ["round-00002.pt.abandoned", "round-00003.pt.abandoned"]
-    # ... and so were its final model, summary and history list, the old run's own
-    assert finished == [
-        f"{name}.abandoned" for name in ("final_model.pt", "history.json", "summary.json")
-    ]
-    _same(old_final, unbroken)
-    assert old_summary["rounds_run"] == 3
-    _same(resumed, unbroken)
     audit = [json.loads(line) for line in (run_dir / runs.AUDIT_JSONL).read_text().splitlines()]
+    in_process_run(back_to_1, len(INSTANCES))
+    later = _set_aside(run_dir)
+
+    # Assert: the old run's checkpoints of rounds 2 and 3, its final model, summary and
+    # history list, and the history and audit lines after round 1 were set aside, so
+    # "latest" found the rewound run's round 2; the audit holds each round once
+    assert sorted(first_files) == [
+        "audit.jsonl",
+        "checkpoints/round-00002.pt",
+        "checkpoints/round-00003.pt",
+        "final_model.pt",
+        "history.json",
+        "history.jsonl",
+        "summary.json",
+    ]
+    assert first.name.startswith("0001-resumed-from-round-00001-")
+    assert first_files["history.jsonl"] == b"".join(old_history[named:])
+    dropped = [x for x in old_audit if json.loads(x)["round"] > 1]
+    assert first_files["audit.jsonl"] == b"".join(dropped)
+    _same(torch.load(first / runs.FINAL_MODEL, weights_only=True), unbroken)
+    assert json.loads(first_files["summary.json"])["rounds_run"] == 3
+    _same(resumed, unbroken)
     entries = sorted((a["round"], a["instance_id"]) for a in audit)
     assert entries == sorted((r, i) for r in (1, 2, 3) for i in INSTANCES)
+    # ... the resume from round 2 set aside the closing phase's line after it, and the second
+    # rewind the resumed run's later checkpoints and outputs, each in a folder of its own,
+    # leaving the first one's as it was
+    assert [p.name.rsplit("-", 1)[0] for p in later] == [
+        "0001-resumed-from-round-00001",
+        "0002-resumed-from-round-00002",
+        "0003-resumed-from-round-00001",
+    ]
+    assert later[0] == first and _files(first) == first_files
+    assert _files(later[1]) == {"history.jsonl": closing}
+    assert sorted(_files(later[2])) == sorted(first_files)
+    _same(torch.load(later[2] / runs.FINAL_MODEL, weights_only=True), resumed)
 
 
 def test_resume_refuses_an_audit_line_that_is_not_an_entry_and_changes_nothing(
