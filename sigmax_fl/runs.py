@@ -332,9 +332,11 @@ def rewind(checkpoint: Path, payload: dict[str, Any]) -> tuple[list[dict[str, An
         kept, digest = len(lines), payload["history_digest"]
     later = [p for p in sorted(checkpoint.parent.glob("round-*.pt")) if p.name > checkpoint.name]
     # The run later checkpoints belong to may have finished: its final model, summary and
-    # history list are not this run's, and must not stand beside its history
-    ended = [run_dir / name for name in (HISTORY_JSON, SUMMARY_JSON)]
-    files = [*later, *run_dir.glob("final_*.pt"), *ended] if later else []
+    # history list are not this run's, and must not stand beside its history. They move
+    # first and the later checkpoints last: a resume stopped in between and tried again
+    # still finds a later checkpoint, so it sets aside whatever of that run is left.
+    ended = [*run_dir.glob("final_*.pt"), run_dir / HISTORY_JSON, run_dir / SUMMARY_JSON]
+    files = [*ended, *reversed(later)] if later else []
     _set_aside(
         checkpoint,
         [f for f in files if f.is_file()],
@@ -347,7 +349,7 @@ def rewind(checkpoint: Path, payload: dict[str, Any]) -> tuple[list[dict[str, An
             handle.truncate(sum(len(line) for line in found[:kept]))
             os.fsync(handle.fileno())
     if audit is not None:
-        _replace_lines(run_dir / AUDIT_JSONL, audit[0])
+        write_durably(run_dir / AUDIT_JSONL, lambda handle: handle.write(audit[0]))
     return records, digest
 
 
@@ -388,8 +390,8 @@ def _set_aside(checkpoint: Path, files: list[Path], cut: dict[str, bytes]) -> No
     log.info("sigmax-fl: resuming from %s set aside %s", checkpoint.name, folder)
 
 
-def _audit_split(checkpoint: Path, path: Path, server_round: int) -> tuple[list[str], bytes] | None:
-    """The audit lines of rounds up to ``server_round``, and the bytes of the others.
+def _audit_split(checkpoint: Path, path: Path, server_round: int) -> tuple[bytes, bytes] | None:
+    """The bytes of the audit lines of rounds up to ``server_round``, and of the others.
 
     None if every line is kept. The last line may be one a crash cut short: it goes with the
     others. Any other line that is not an audit entry is refused, as the history is: the file
@@ -411,11 +413,8 @@ def _audit_split(checkpoint: Path, path: Path, server_round: int) -> tuple[list[
                 f"resume-from {checkpoint}: {path} line {number} is not an audit entry (a JSON "
                 "object with a 'round'); restore that file from a backup"
             ) from None
-        if entry_round <= server_round:
-            kept.append(line)
-        else:
-            dropped.append(raw)
-    return (kept, b"".join(dropped)) if dropped else None
+        (kept if entry_round <= server_round else dropped).append(raw)
+    return (b"".join(kept), b"".join(dropped)) if dropped else None
 
 
 def _replace_lines(path: Path, lines: list[str]) -> None:

@@ -311,6 +311,40 @@ def test_resuming_an_earlier_checkpoint_sets_aside_what_it_drops_and_a_second_on
     _same(torch.load(later[2] / runs.FINAL_MODEL, weights_only=True), resumed)
 
 
+def test_a_resume_stopped_while_setting_aside_loses_nothing_when_tried_again(
+    tmp_path: Path, unbroken: dict[str, torch.Tensor], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: a finished 3-round run, to be taken back to round 1; moving its final model
+    # aside fails once, as a crash or a full disk would stop it there
+    config = _config(tmp_path, "interrupted")
+    in_process_run(config, len(INSTANCES))
+    run_dir = tmp_path / "outputs" / "interrupted"
+    files = {name: (run_dir / name).read_bytes() for name in (runs.HISTORY_JSONL, runs.AUDIT_JSONL)}
+    old_final = (run_dir / runs.FINAL_MODEL).read_bytes()
+    back_to_1 = {**config, "resume-from": str(run_dir / runs.CHECKPOINTS / "round-00001.pt")}
+    replace = os.replace
+
+    def refuse_the_final_model(src: os.PathLike, dst: os.PathLike) -> None:
+        if Path(src).name == runs.FINAL_MODEL and runs.ABANDONED in Path(dst).parts:
+            raise OSError(f"injected: cannot move {src}")
+        replace(src, dst)
+
+    # Execute: the resume stops there, then is tried again
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "replace", refuse_the_final_model)
+        with pytest.raises(OSError, match="injected"):
+            in_process_run(back_to_1, len(INSTANCES))
+    cut = {name: (run_dir / name).read_bytes() for name in files}
+    resumed = in_process_run(back_to_1, len(INSTANCES))
+
+    # Assert: nothing was cut before the failure; the retry set the old run's final model
+    # aside before the resumed run wrote its own
+    assert cut == files
+    aside = [p.read_bytes() for f in _set_aside(run_dir) for p in f.rglob(runs.FINAL_MODEL)]
+    assert aside == [old_final]
+    _same(resumed, unbroken)
+
+
 def test_resume_refuses_an_audit_line_that_is_not_an_entry_and_changes_nothing(
     stopped: tuple[dict, Path],
 ) -> None:
