@@ -152,11 +152,12 @@ def test_resume_drops_history_lines_after_the_checkpoint_and_ends_with_the_same_
     assert [r["round"] for r in named] == [1, 2]
 
 
+@pytest.mark.parametrize("history_file", ["gone", "kept", "edited"])
 def test_a_checkpoint_that_holds_its_history_format_1_still_resumes(
-    stopped: tuple[dict, Path], unbroken: dict[str, torch.Tensor]
+    stopped: tuple[dict, Path], unbroken: dict[str, torch.Tensor], history_file: str
 ) -> None:
-    # Prepare: round 2's checkpoint as the earlier format wrote it (the history inside), and
-    # the run's history file gone: that format needs none
+    # Prepare: round 2's checkpoint as the earlier format wrote it (the history inside); the
+    # run's history file gone (that format needs none), as it was, or with its first line edited
     config, run_dir = stopped
     path = run_dir / runs.CHECKPOINTS / "round-00002.pt"
     payload = _checkpoint(run_dir, 2)
@@ -164,16 +165,28 @@ def test_a_checkpoint_that_holds_its_history_format_1_still_resumes(
     for key in ("history_rounds", "history_digest"):
         del payload[key]
     torch.save({**payload, "format": 1, "history": json.dumps(history)}, path)
-    (run_dir / runs.HISTORY_JSONL).unlink()
+    jsonl = run_dir / runs.HISTORY_JSONL
+    if history_file == "gone":
+        jsonl.unlink()
+    elif history_file == "edited":
+        jsonl.write_bytes(b'{"round": 1, "edited": true}\n' + jsonl.read_bytes().split(b"\n", 1)[1])
+    before = jsonl.read_bytes() if jsonl.is_file() else b""
 
     # Execute
     resumed = in_process_run({**config, "resume-from": str(path)}, len(INSTANCES))
 
-    # Assert: the same model, and the history file written again from the checkpoint
+    # Assert: the same model, and the history file written again from the checkpoint; what
+    # it held beyond the checkpoint's records (all of it, once edited) is set aside
     _same(resumed, unbroken)
     lines = (run_dir / runs.HISTORY_JSONL).read_text().splitlines()
     assert [json.loads(line)["round"] for line in lines] == [1, 2, 3]
     assert json.loads(lines[0]) == history[0]
+    aside = b"".join(f.joinpath(runs.HISTORY_JSONL).read_bytes() for f in _set_aside(run_dir))
+    records = b"".join(json.dumps(r, default=str).encode() + b"\n" for r in history)
+    expected = {"gone": b"", "kept": before[len(records) :], "edited": before}[history_file]
+    assert aside == expected
+    if history_file == "kept":  # the closing phase's line after the checkpoint's records
+        assert before.startswith(records) and aside
 
 
 def test_a_run_whose_every_round_is_skipped_fails_and_writes_no_model(tmp_path: Path) -> None:
