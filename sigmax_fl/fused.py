@@ -354,5 +354,14 @@ def norms_and_average(
     parts = max(1, min(threads, tiles))
     # Runs of up to CHUNK tiles, and at least 8 runs a thread where there are enough tiles,
     # so that a small model is shared out too.
-    kernel.sigmax_fused_threads(*args, tiles, max(1, min(CHUNK, tiles // (8 * parts))), parts)
+    chunk = max(1, min(CHUNK, tiles // (8 * parts)))
+    started = kernel.sigmax_fused_threads(*args, tiles, chunk, parts)
+    if started < parts - 1:  # the result is whole: the threads that ran took every tile
+        log.warning(
+            "fused aggregation pass: %d of %d thread(s) could not be started (a limit on "
+            "threads or memory?); it ran on %d, more slowly",
+            parts - 1 - started,
+            parts,
+            started + 1,
+        )
     return np.sqrt(sq.sum(axis=0))

@@ -6,6 +6,8 @@ import logging
 import os
 import shlex
 import shutil
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -114,6 +116,43 @@ def test_threads_do_not_change_a_bit(kernel: None) -> None:
         assert norms.tobytes() == results[0][0].tobytes()
         for name in glob:
             assert out[name].tobytes() == results[0][1][name].tobytes()
+
+
+NO_THREADS = """
+import logging, resource, sys
+import numpy as np
+from sigmax_fl import fused
+logging.basicConfig(level=logging.WARNING, stream=sys.stdout, format="%(message)s")
+assert fused.library() is not None
+rng = np.random.default_rng(0)
+glob = {"w": rng.normal(0, 0.1, 64 * fused.TILE).astype(np.float32)}
+ms = [{"w": glob["w"] + rng.normal(0, 0.01, glob["w"].shape).astype(np.float32)} for _ in range(3)]
+weights = [0.2, 0.3, 0.5]
+alone = {"w": np.empty_like(glob["w"])}
+alone_norms = fused.norms_and_average(ms, glob, weights, alone, threads=1)
+out = {"w": np.empty_like(glob["w"])}
+# Address space for this process as it is, 2 MiB more: no room for a thread's 8 MiB stack
+size = int(open("/proc/self/status").read().split("VmSize:")[1].split()[0]) * 1024
+_, hard = resource.getrlimit(resource.RLIMIT_AS)
+resource.setrlimit(resource.RLIMIT_AS, (size + (2 << 20), hard))
+norms = fused.norms_and_average(ms, glob, weights, out, threads=4)
+resource.setrlimit(resource.RLIMIT_AS, (hard, hard))
+print("same:", norms.tobytes() == alone_norms.tobytes(), out["w"].tobytes() == alone["w"].tobytes())
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads /proc (Linux)")
+def test_threads_that_cannot_start_leave_the_pass_whole_and_are_reported(kernel: None) -> None:
+    # Execute: a pass asked for 4 threads in a process with no room for another thread's stack
+    done = subprocess.run(
+        [sys.executable, "-c", NO_THREADS], capture_output=True, text=True, timeout=120
+    )
+
+    # Assert: the caller's thread took every tile (the same bits as one thread); it says so
+    assert done.returncode == 0, done.stderr
+    assert "3 of 4 thread(s) could not be started" in done.stdout
+    assert "it ran on 1, more slowly" in done.stdout
+    assert "same: True True" in done.stdout
 
 
 def test_agrees_with_the_torch_pass(kernel: None, monkeypatch: pytest.MonkeyPatch) -> None:
