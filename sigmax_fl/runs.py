@@ -13,6 +13,8 @@ import logging
 import os
 import time
 import uuid
+from collections.abc import Iterable
+from itertools import chain, count
 from pathlib import Path
 from typing import Any
 
@@ -45,16 +47,22 @@ def create_run_dir(outputs_dir: str, run_name: str, run_id: int) -> Path:
     root = outputs_root(outputs_dir)
     name = run_name or time.strftime("run-%Y%m%d-%H%M%S", time.gmtime()) + f"-{run_id}"
     make_folders(root)
-    path, k = root / name, 1
-    while True:
+    return _fresh_folder(root, chain([name], (f"{name}-{k}" for k in count(2))))
+
+
+def _fresh_folder(parent: Path, names: Iterable[str]) -> Path:
+    """The first of ``names`` made here, its name synced into ``parent``.
+
+    ``mkdir``, not ``exists()`` first: two writers that want one name never share its folder.
+    """
+    for name in names:
         try:
-            path.mkdir()  # not exists() first: two runs of one name must not take one folder
+            (parent / name).mkdir()
         except FileExistsError:
-            k += 1
-            path = root / f"{name}-{k}"
-        else:
-            sync_folder(root)
-            return path
+            continue
+        sync_folder(parent)
+        return parent / name
+    raise FileExistsError(f"every name offered for a new folder in {parent} is taken")
 
 
 RUN_KEY_FILE = "run-key"
@@ -253,11 +261,22 @@ def checkpointed_history(checkpoint: Path, payload: dict[str, Any]) -> list[dict
     """The rounds a checkpoint was written after (read only; :func:`rewind` also cuts files)."""
     if payload["format"] == 1:
         return json.loads(payload["history"])
-    return [json.loads(line) for line in _named_lines(checkpoint, payload)]
+    found = _read_lines(checkpoint.parent.parent / HISTORY_JSONL)
+    return [json.loads(line) for line in _named_lines(checkpoint, payload, found)]
 
 
-def _named_lines(checkpoint: Path, payload: dict[str, Any]) -> list[str]:
-    """The first ``history_rounds`` lines of the run's ``history.jsonl``, checked by digest.
+def _read_lines(path: Path) -> list[bytes]:
+    """A file's lines as written, newlines kept; none if there is no file."""
+    return path.read_bytes().splitlines(keepends=True) if path.is_file() else []
+
+
+def _text(lines: list[bytes]) -> list[str]:
+    """Lines as text, without their newlines."""
+    return [line.rstrip(b"\r\n").decode("utf-8", "replace") for line in lines]
+
+
+def _named_lines(checkpoint: Path, payload: dict[str, Any], found: list[bytes]) -> list[str]:
+    """The first ``history_rounds`` of ``found``, the run's ``history.jsonl``, checked by digest.
 
     Lines after them are rounds written after the checkpoint: by a crash between history
     line and checkpoint, by a closing evaluate phase, or by the run an earlier checkpoint was
@@ -269,8 +288,7 @@ def _named_lines(checkpoint: Path, payload: dict[str, Any]) -> list[str]:
         raise ValueError(f"{checkpoint}: checkpoint format 2 without {missing}")
     path = checkpoint.parent.parent / HISTORY_JSONL
     wanted = int(payload["history_rounds"])
-    found = path.read_bytes().splitlines() if path.is_file() else []
-    lines = [line.decode("utf-8", "replace") for line in found[:wanted]]
+    lines = _text(found[:wanted])
     if len(lines) < wanted or not all(lines):
         have = (
             "no such file"
@@ -318,16 +336,15 @@ def rewind(checkpoint: Path, payload: dict[str, Any]) -> tuple[list[dict[str, An
     run_dir = checkpoint.parent.parent
     path = run_dir / HISTORY_JSONL
     audit = _audit_split(checkpoint, run_dir / AUDIT_JSONL, int(payload["round"]))
-    found = path.read_bytes().splitlines(keepends=True) if path.is_file() else []
+    found = _read_lines(path)
     if payload["format"] == 1:
         records = json.loads(payload["history"])
         lines = [json.dumps(r, default=str) for r in records]
         # The checkpoint's records replace the file: unless it starts with them, all of it goes
-        old = [x.rstrip(b"\r\n").decode("utf-8", "replace") for x in found[: len(lines)]]
-        kept = len(lines) if old == lines else 0
+        kept = len(lines) if _text(found[: len(lines)]) == lines else 0
         digest = _digest(lines)
     else:
-        lines = _named_lines(checkpoint, payload)
+        lines = _named_lines(checkpoint, payload, found)
         records = [json.loads(line) for line in lines]
         kept, digest = len(lines), payload["history_digest"]
     later = [p for p in sorted(checkpoint.parent.glob("round-*.pt")) if p.name > checkpoint.name]
@@ -367,17 +384,10 @@ def _set_aside(checkpoint: Path, files: list[Path], cut: dict[str, bytes]) -> No
     run_dir = checkpoint.parent.parent
     aside = make_folders(run_dir / ABANDONED)
     numbers = [p.name.split("-", 1)[0] for p in aside.iterdir()]
-    number = max((int(n) for n in numbers if n.isdigit()), default=0) + 1
+    first = max((int(n) for n in numbers if n.isdigit()), default=0) + 1
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    while True:
-        folder = aside / f"{number:04d}-resumed-from-{checkpoint.stem}-{stamp}"
-        try:
-            folder.mkdir()
-        except FileExistsError:
-            number += 1
-        else:
-            sync_folder(aside)
-            break
+    names = (f"{n:04d}-resumed-from-{checkpoint.stem}-{stamp}" for n in count(first))
+    folder = _fresh_folder(aside, names)
     for file_name, data in cut.items():
         write_durably(folder / file_name, lambda handle, data=data: handle.write(data))
     if any(f.parent != run_dir for f in files):
@@ -397,12 +407,9 @@ def _audit_split(checkpoint: Path, path: Path, server_round: int) -> tuple[bytes
     others. Any other line that is not an audit entry is refused, as the history is: the file
     is not the server's any more.
     """
-    if not path.is_file():
-        return None
-    found = path.read_bytes().splitlines(keepends=True)
+    found = _read_lines(path)
     kept, dropped = [], []
-    for number, raw in enumerate(found, 1):
-        line = raw.decode("utf-8", "replace").rstrip("\r\n")
+    for number, (raw, line) in enumerate(zip(found, _text(found), strict=True), 1):
         try:
             entry_round = int(json.loads(line)["round"])
         except (json.JSONDecodeError, KeyError, TypeError, ValueError):
