@@ -842,8 +842,9 @@ def _targets(res: dict) -> list[str]:
         why = (
             f"screening {_fmt(a['screening_s'])} s, one pass "
             f"({'C kernel' if a['fused_kernel'] else 'torch'}) {_fmt(a['one_pass_s'])} s, "
-            f"result record {_fmt(a['result_record_s'])} s, reading the replies alone "
-            f"{_fmt(a['read_replies_only_s'])} s"
+            f"result record {_fmt(a['result_record_s'])} s"
+            + (f", the rest {_fmt(a['rest_s'])} s" if "rest_s" in a else "")
+            + f"; reading the replies alone {_fmt(a['read_replies_only_s'])} s"
         )
         rows.append(
             (f"WeightedFedAvg at {a['params']:,} params <= 1.5x floor", f"{x:.2f}x",
@@ -903,7 +904,9 @@ def _aggregation_md(res: dict) -> list[str]:
         "`bench/aggregation.py` measures it; parts of WeightedFedAvg's time: screening, the "
         "one pass (norms and weighted sum, written into the result's npy bytes; in the C kernel "
         "of `sigmax_fl/fused.py` where it was built), making the result's record (fresh bytes, "
-        "Flower Arrays). Reading the replies alone (torch sums) is a limit of this machine. "
+        "Flower Arrays), and the rest of `aggregate_train` (its median less those of the "
+        "parts: sorting, shares, metrics); screening includes reading the sent model's "
+        "layout. Reading the replies alone (torch sums) is a limit of this machine. "
         + (
             "The one pass ran in the C kernel"
             + (
@@ -916,8 +919,8 @@ def _aggregation_md(res: dict) -> list[str]:
         ),
         "",
         "| parameters | floor s | WeightedFedAvg s | x floor | stock FedAvg s | x floor | "
-        "screening s | one pass s | record s | read only s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "screening s | one pass s | record s | rest s | read only s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in res["aggregation"]:
         lines.append(
@@ -926,7 +929,7 @@ def _aggregation_md(res: dict) -> list[str]:
             f"({_fmt(r['stock_min_s'])}) | {r['stock_x_floor']:.2f}x | "
             f"{_fmt(r['screening_s'])} | {_fmt(r['one_pass_s'])}"
             f"{' (C)' if r['fused_kernel'] else ''} | {_fmt(r['result_record_s'])} | "
-            f"{_fmt(r['read_replies_only_s'])} |"
+            f"{_fmt(r['rest_s']) if 'rest_s' in r else '-'} | {_fmt(r['read_replies_only_s'])} |"
         )
     sizes, accuracy = res["update_bytes"], res["compression_accuracy"]
     lines += [

@@ -52,6 +52,7 @@ from sigmax_fl.codec import (
     ENCODING_KEY,
     FreshArrays,
     MalformedUpdateError,
+    NpyLayout,
     as_numpy,
     decode_update,
     npy_array,
@@ -144,16 +145,23 @@ def _records(message: Message, kind: type[_R]) -> dict[str, _R]:
 
 def _meta(message: Message) -> ConfigRecord | None:
     """The sigmax-fl meta ConfigRecord of a reply, if it has one."""
-    meta = message.content.get(META_KEY)
-    return meta if isinstance(meta, ConfigRecord) else None
+    return _as_meta(message.content.get(META_KEY))
+
+
+def _as_meta(record: object) -> ConfigRecord | None:
+    return record if isinstance(record, ConfigRecord) else None
+
+
+def _named_instance(meta: ConfigRecord | None) -> str | None:
+    """The instance a meta record names, if it names one."""
+    name = meta.get("instance-id") if meta is not None else None
+    return name if isinstance(name, str) else None
 
 
 def given_instance_id(message: Message) -> str | None:
     """The instance a reply says it speaks for; None for one that names none (an error)."""
     if not message.has_error() and message.has_content():
-        meta = _meta(message)
-        if meta is not None and isinstance(meta.get("instance-id"), str):
-            return str(meta["instance-id"])
+        return _named_instance(_meta(message))
     return None
 
 
@@ -171,7 +179,7 @@ class Screened:
     num_examples: int = 0
     reason: str = ""
     metrics: dict[str, float] = field(default_factory=dict)
-    arrays: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+    arrays: Mapping[str, np.ndarray] = field(default_factory=dict, repr=False)
     update_norm: float = float("nan")
     clip: float = 1.0
     """Factor the update (w_k - w_global) was scaled by; 1 when not clipped."""
@@ -216,7 +224,13 @@ def _metrics_of(message: Message, record: str = "") -> tuple[dict[str, float], s
     ``record`` names the MetricRecord to read; by default the reply must hold exactly one,
     except that a train reply may add the received model's scores (:data:`EVALUATION_KEY`).
     """
-    records = _records(message, MetricRecord)
+    return _metric_values(_records(message, MetricRecord), record)
+
+
+def _metric_values(
+    records: dict[str, MetricRecord], record: str = ""
+) -> tuple[dict[str, float], str]:
+    """:func:`_metrics_of` on a reply's MetricRecords (``records`` may lose a key)."""
     if record:
         if record not in records:
             return {}, f"no MetricRecord '{record}'"
@@ -237,40 +251,54 @@ def _metrics_of(message: Message, record: str = "") -> tuple[dict[str, float], s
 
 def encoding_of(message: Message) -> str:
     """The update encoding a reply declares in its meta record; float32 weights if none."""
-    meta = _meta(message)
-    value = meta.get(ENCODING_KEY, "float32") if meta is not None else "float32"
-    return str(value)
+    return _encoding(_meta(message))
+
+
+def _encoding(meta: ConfigRecord | None) -> str:
+    return str(meta.get(ENCODING_KEY, "float32")) if meta is not None else "float32"
 
 
 def screen_train_reply(
     message: Message,
     reference: ArrayRecord,
     reference_views: Mapping[str, np.ndarray] | None = None,
+    layout: NpyLayout | None = None,
 ) -> Screened:
     """Accept a train reply only if its structure can be averaged with the global model.
 
     An encoded reply (float16 / int8 delta) is decoded against ``reference`` first, so every
     later check sees full weights. Values are not read here: :class:`WeightedFedAvg` folds the
     NaN / Inf test into its one pass over the data (a non-finite value makes the update norm
-    non-finite) instead of reading every reply once more.
+    non-finite) instead of reading every reply once more. ``layout``, the reference's
+    (:class:`~sigmax_fl.codec.NpyLayout`), recognises the common reply at a glance.
     """
-    verdict = Screened(instance_id(message), message.metadata.src_node_id)
+    node = message.metadata.src_node_id
     if message.has_error():
-        verdict.reason = f"error reply: {message.error.reason}"
-        return verdict
-    metrics, problem = _metrics_of(message)
+        return Screened(f"node-{node}", node, reason=f"error reply: {message.error.reason}")
+    # One look at the reply's records: each of Flower's typed lookups walks them anew.
+    records = dict(message.content.items())
+    meta = _as_meta(records.get(META_KEY))
+    verdict = Screened(_named_instance(meta) or f"node-{node}", node)
+    metrics, problem = _metric_values(
+        {k: r for k, r in records.items() if isinstance(r, MetricRecord)}
+    )
     if problem:
         verdict.reason = problem
         return verdict
     verdict.metrics = metrics
     verdict.num_examples = int(metrics[WEIGHT_KEY])
-    records = _records(message, ArrayRecord)
-    if len(records) != 1:
-        verdict.reason = f"expected one ArrayRecord, got {len(records)}"
+    array_records = [r for r in records.values() if isinstance(r, ArrayRecord)]
+    if len(array_records) != 1:
+        verdict.reason = f"expected one ArrayRecord, got {len(array_records)}"
         return verdict
-    arrays = next(iter(records.values()))
+    arrays = array_records[0]
+    encoding = _encoding(meta)
+    views = layout.views(arrays) if layout is not None and encoding == "float32" else None
+    if views is not None:  # the common reply: the sent model's layout, to the byte
+        verdict.payload_bytes = layout.record_bytes
+        verdict.arrays = views
+        return verdict
     verdict.payload_bytes = arrays.count_bytes()
-    encoding = encoding_of(message)
     if encoding != "float32":
         if reference_views is None:
             reference_views = {name: as_numpy(a) for name, a in reference.items()}
@@ -419,9 +447,12 @@ def capped_shares(examples: list[int], max_share: float) -> np.ndarray:
     examples, repeat. When the cap cannot be met (fewer than 1 / max_share replies), every
     reply gets an equal share, the closest feasible weighting.
     """
+    if len(examples) * max_share < 1:
+        return np.full(len(examples), 1.0 / len(examples))
+    total = float(sum(examples))
+    if total > 0 and max(examples) / total <= max_share + 1e-12:  # common: nobody capped
+        return np.array([n / total for n in examples])
     n = np.asarray(examples, dtype=np.float64)
-    if len(n) * max_share < 1:
-        return np.full(len(n), 1.0 / len(n))
     shares = n / n.sum()
     capped = np.zeros(len(n), dtype=bool)
     while (over := (shares > max_share + 1e-12) & ~capped).any():
@@ -524,7 +555,7 @@ def weighted_metrics(screened: list[Screened]) -> dict[str, float]:
         pairs = [
             (s.num_examples, s.metrics[name])
             for s in screened
-            if np.isfinite(s.metrics.get(name, np.nan))
+            if math.isfinite(s.metrics.get(name, math.nan))
         ]
         weight = sum(n for n, _ in pairs)
         if weight > 0:
@@ -801,9 +832,12 @@ class WeightedFedAvg(FedAvg):
         if self._sent is None:
             raise RuntimeError("aggregate_train called before configure_train")
         d = self.defences
-        # float32 views of the model that was sent, read in place like the replies
-        sent = {name: as_numpy(a) for name, a in self._sent.items()}
-        screened = [screen_train_reply(m, self._sent, sent) for m in replies]
+        # The model that was sent, read in place like the replies
+        layout = NpyLayout.of(self._sent)
+        sent = layout.views(self._sent) if layout is not None else None
+        if sent is None:
+            sent = {name: as_numpy(a) for name, a in self._sent.items()}
+        screened = [screen_train_reply(m, self._sent, sent, layout) for m in replies]
         for s in screened:
             if s.instance_id == f"node-{s.node_id}":  # an error reply names no instance
                 s.instance_id = self.node_names.get(s.node_id, s.instance_id)

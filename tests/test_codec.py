@@ -30,8 +30,11 @@ from sigmax_fl.codec import (
     BLOCK,
     ENCODING_KEY,
     SCALE_SUFFIX,
+    FreshArrays,
     MalformedUpdateError,
+    NpyLayout,
     as_numpy,
+    bytes_address,
     decode_update,
     encode_update,
     npy_array,
@@ -319,6 +322,104 @@ def test_npy_array_writes_flowers_bytes_and_reads_back_in_place(values: np.ndarr
     assert array.data == flower.data and array.dtype == flower.dtype
     assert tuple(array.shape) == tuple(flower.shape)
     np.testing.assert_array_equal(as_numpy(array), values.astype(np.float32))
+
+
+def test_bytes_address_is_where_the_c_api_says_the_bytes_are() -> None:
+    import ctypes
+
+    c_api = ctypes.pythonapi.PyBytes_AsString
+    c_api.argtypes, c_api.restype = (ctypes.py_object,), ctypes.c_void_p
+    for data in (b"", b"x", bytes(range(256)) * 999, npy_array(np.arange(5.0)).data):
+        assert bytes_address(data) == c_api(data)
+
+
+def _record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({k: npy_array(v) for k, v in arrays.items()})
+
+
+def test_a_layout_reads_its_own_records_in_place_and_no_others() -> None:
+    # Prepare: the real model's arrays, and the same record as Flower serialises it
+    arrays = model_arrays()
+    sent = _record(arrays)
+    layout = NpyLayout.of(sent)
+    assert layout is not None and layout.float32
+
+    # Execute / Assert: the same layout is read in place, views made only when asked for
+    views = layout.views(_record(trained(arrays, seed=1)))
+    assert views is not None and list(views) == list(arrays)
+    assert layout.record_bytes == sent.count_bytes()
+    for name, address in zip(views, views.addresses(), strict=True):
+        assert views[name].ctypes.data == address and not views[name].flags.writeable
+        np.testing.assert_array_equal(views[name], trained(arrays, seed=1)[name])
+    # Anything else is for the careful checks: other order, dtype, shape, npy order, payload
+    names = list(arrays)
+    first = names[0]
+    reordered = _record({k: arrays[k] for k in reversed(names)})
+    as_float64 = _record({**arrays, first: arrays[first].astype(np.float64)})
+    reshaped = _record({**arrays, first: arrays[first].reshape(-1)})
+    fortran = ArrayRecord({**{k: npy_array(v) for k, v in arrays.items()}})
+    buffer = io.BytesIO()
+    np.save(buffer, np.asfortranarray(arrays[first]))
+    fortran[first] = Array(
+        dtype="float32", shape=arrays[first].shape, stype="numpy.ndarray", data=buffer.getvalue()
+    )
+    short = _record(arrays)
+    short[first] = Array(
+        dtype="float32",
+        shape=arrays[first].shape,
+        stype="numpy.ndarray",
+        data=sent[first].data[:-4],
+    )
+    for other in (reordered, as_float64, reshaped, fortran, short):
+        assert layout.views(other) is None
+
+
+def test_fresh_arrays_write_in_place_through_their_views() -> None:
+    fresh = FreshArrays({"w": (2, 3), "b": (0,)})
+    assert fresh.values["w"].flags.writeable
+    assert fresh.values["w"].ctypes.data == fresh.values.addresses()[0]
+    fresh.values["w"][:] = [[1, 2, 3], [4, 5, 6]]
+    record = fresh.record()
+    np.testing.assert_array_equal(record["w"].numpy(), [[1, 2, 3], [4, 5, 6]])
+    assert record["b"].numpy().shape == (0,)
+    assert record["w"].data == npy_array(np.arange(1, 7, dtype=np.float32).reshape(2, 3)).data
+
+
+def test_a_reply_in_another_npy_order_is_averaged_like_the_same_values_in_c_order() -> None:
+    # The fast path does not know Fortran order; the careful one reads it in its own order
+    glob = model_arrays()
+    strategy = WeightedFedAvg()
+    results = []
+    for fortran in (False, True):
+        strategy._sent = _record(glob)
+        replies = []
+        for node in (1, 2):
+            local = trained(glob, seed=node)
+            arrays = _record(local)
+            if fortran and node == 2:
+                name = next(k for k, v in local.items() if v.ndim == 2)
+                buffer = io.BytesIO()
+                np.save(buffer, np.asfortranarray(local[name]))
+                arrays[name] = Array(
+                    dtype="float32",
+                    shape=local[name].shape,
+                    stype="numpy.ndarray",
+                    data=buffer.getvalue(),
+                )
+            content = RecordDict(
+                {
+                    "arrays": arrays,
+                    "metrics": MetricRecord({"num-examples": 100 * node}),
+                    META_KEY: ConfigRecord({"instance-id": f"inst-{node}"}),
+                }
+            )
+            sent = Message(RecordDict(), dst_node_id=node, message_type="train")
+            replies.append(Message(content, reply_to=sent))
+        new, metrics = strategy.aggregate_train(1, replies)
+        assert metrics["replies-ok"] == 2
+        results.append({k: as_numpy(a).copy() for k, a in new.items()})
+    for name in glob:
+        assert results[0][name].tobytes() == results[1][name].tobytes()
 
 
 RESIDUAL_FILES = ["residual.pt", "residual.r00001.pt", "residual.r00002.pt", "residual.r00003.pt"]

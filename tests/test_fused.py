@@ -19,7 +19,7 @@ from flwr.common.serde import message_from_proto, message_to_proto
 from flwr.supercore.task_identity import TaskIdentity
 
 from sigmax_fl import fused, strategy
-from sigmax_fl.codec import FreshArrays, as_numpy
+from sigmax_fl.codec import FreshArrays, NpyLayout, as_numpy
 
 from .conftest import in_process_run
 
@@ -268,6 +268,28 @@ def test_sizes_that_do_not_match_are_refused_before_the_c_loop(kernel: None) -> 
     ms[2]["w2"] = ms[2]["w2"][:-1]
     with pytest.raises(ValueError, match="array 'w2'"):
         run(glob, ms, weights)
+
+
+def test_npy_bytes_and_unaligned_arrays_give_the_same_bits(kernel: None) -> None:
+    # In place in npy bytes (addresses from the bytes; the result streamed past the caches)
+    # and as plain arrays with the result one float off alignment (ordinary stores)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+    glob, ms, weights = models(10, seed=3)
+    layout = NpyLayout.of(ArrayRecord({k: strategy.npy_array(v) for k, v in glob.items()}))
+    in_npy = [
+        layout.views(ArrayRecord({k: strategy.npy_array(v) for k, v in m.items()})) for m in ms
+    ]
+    reference = layout.views(ArrayRecord({k: strategy.npy_array(v) for k, v in glob.items()}))
+    fresh = FreshArrays({k: v.shape for k, v in glob.items()})
+    npy_norms = fused.norms_and_average(in_npy, reference, list(weights), fresh.values)
+    out = {}
+    for k, v in glob.items():
+        out[k] = np.empty(v.size + 1, np.float32)[1:].reshape(v.shape)
+        assert out[k].ctypes.data % 16 != 0 or v.size == 0
+    plain_norms = fused.norms_and_average(ms, glob, list(weights), out)
+    assert npy_norms.tobytes() == plain_norms.tobytes()
+    for k in glob:
+        assert fresh.values[k].tobytes() == out[k].tobytes()
 
 
 def test_fresh_arrays_survive_flower_serialisation() -> None:
