@@ -199,7 +199,7 @@ class NpyLayout:
         """
         if tuple(record.keys()) != self.names:
             return None
-        payloads = []
+        payloads, starts = [], []
         for array, dtype, shape, header, size in zip(
             record.values(), self.dtypes, self.shapes, self.headers, self.sizes, strict=True
         ):
@@ -213,7 +213,8 @@ class NpyLayout:
             ):
                 return None
             payloads.append(data)
-        return NpyViews(self, payloads)
+            starts.append(bytes_address(data) + len(header))
+        return NpyViews(self, payloads, starts)
 
 
 class NpyViews(Mapping[str, np.ndarray]):
@@ -226,18 +227,19 @@ class NpyViews(Mapping[str, np.ndarray]):
     (:class:`FreshArrays`).
     """
 
-    def __init__(self, layout: NpyLayout, payloads: list[bytes], writable: bool = False) -> None:
+    def __init__(
+        self, layout: NpyLayout, payloads: list[bytes], starts: list[int], writable: bool = False
+    ) -> None:
+        """``starts``: where each payload's values begin (:func:`bytes_address` + header)."""
         self.layout = layout
         self.writable = writable
         self._payloads = payloads
+        self._starts = starts
         self._views: dict[str, np.ndarray] = {}
 
     def addresses(self) -> list[int]:
         """Where each array's first value lies, in :attr:`NpyLayout.names` order."""
-        return [
-            bytes_address(data) + len(header)
-            for data, header in zip(self._payloads, self.layout.headers, strict=True)
-        ]
+        return self._starts
 
     def __getitem__(self, name: str) -> np.ndarray:
         view = self._views.get(name)
@@ -250,9 +252,7 @@ class NpyViews(Mapping[str, np.ndarray]):
                 layout.counts[i],
             )
             if self.writable:
-                buffer = (ctypes.c_char * (count * dtype.itemsize)).from_address(
-                    bytes_address(data) + len(header)
-                )
+                buffer = (ctypes.c_char * (count * dtype.itemsize)).from_address(self._starts[i])
                 buffer.keep = data  # the view (whose base is this buffer) keeps the bytes alive
                 flat = np.frombuffer(buffer, dtype, count)
             else:
@@ -278,18 +278,26 @@ class FreshArrays:
     :meth:`record` shares the bytes, and nothing writes to them afterwards.
     """
 
-    def __init__(self, shapes: Mapping[str, tuple[int, ...]]) -> None:
-        names = tuple(shapes)
-        shape_list = tuple(tuple(shape) for shape in shapes.values())
-        layout = NpyLayout(names, ("float32",) * len(names), shape_list)
-        payloads = []
+    def __init__(self, shapes: Mapping[str, tuple[int, ...]] | NpyLayout) -> None:
+        """Arrays of these shapes, or of a float32 layout's (the model that was sent)."""
+        if isinstance(shapes, NpyLayout):
+            if not shapes.float32:
+                raise ValueError("FreshArrays holds float32 arrays; this layout has others")
+            layout = shapes
+        else:
+            names = tuple(shapes)
+            shape_list = tuple(tuple(shape) for shape in shapes.values())
+            layout = NpyLayout(names, ("float32",) * len(names), shape_list)
+        payloads, starts = [], []
         for header, size in zip(layout.headers, layout.sizes, strict=True):
             data = _new_bytes(None, size)
-            ctypes.memmove(bytes_address(data), header, len(header))
+            start = bytes_address(data)
+            ctypes.memmove(start, header, len(header))
             payloads.append(data)
+            starts.append(start + len(header))
         self._payloads = payloads
         self.layout = layout
-        self.values: Mapping[str, np.ndarray] = NpyViews(layout, payloads, writable=True)
+        self.values: Mapping[str, np.ndarray] = NpyViews(layout, payloads, starts, writable=True)
         """Writable float32 views of each array's values (each keeps its bytes alive)."""
 
     def record(self) -> ArrayRecord:

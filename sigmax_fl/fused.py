@@ -419,17 +419,24 @@ def norms_and_average(
     else:
         sizes = tuple(reference[n].size for n in names)
     g_at = _addresses(reference, names, sizes, keep)
-    x_at = [address for m in models for address in _addresses(m, names, sizes, keep)]
+    x_at = [_addresses(m, names, sizes, keep) for m in models]
+    arrays = len(names)
+    # Every pointer the kernel takes, in one buffer: the replies array by array (reply k's
+    # array a at a * replies + k), then the reference's arrays, then the result's.
+    pointers = np.array(
+        [at[a] for a in range(arrays) for at in x_at]
+        + g_at
+        + _writable_addresses(out, names, sizes),
+        dtype=np.uintp,
+    )
+    xs = pointers.ctypes.data
+    gs = xs + pointers.itemsize * arrays * replies
+    outs = gs + pointers.itemsize * arrays
     lens = np.array(sizes, dtype=np.int64)
-    # The kernel reads the replies array by array: reply k's array a at xs[a * replies + k].
-    xs = np.array(x_at, dtype=np.uintp).reshape(replies, len(names)).T.copy()
-    gs = np.array(g_at, dtype=np.uintp)
-    outs = np.array(_writable_addresses(out, names, sizes), dtype=np.uintp)
     w = np.asarray(weights, dtype=np.float32)
-    tiles = int(((lens + TILE - 1) // TILE).sum())
+    tiles = sum((n + TILE - 1) // TILE for n in sizes)
     sq = np.zeros((tiles, replies), dtype=np.float64)
-    args = (len(names), replies, xs.ctypes.data, gs.ctypes.data, outs.ctypes.data)
-    args += (lens.ctypes.data, w.ctypes.data, sq.ctypes.data)
+    args = (arrays, replies, xs, gs, outs, lens.ctypes.data, w.ctypes.data, sq.ctypes.data)
     parts = max(1, min(threads, tiles))
     # Runs of up to CHUNK tiles, and at least 8 runs a thread where there are enough tiles,
     # so that a small model is shared out too.

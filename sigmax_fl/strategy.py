@@ -241,11 +241,11 @@ def _metric_values(
             return {}, f"expected one MetricRecord, got {len(records)}"
         metrics = next(iter(records.values()))
     n = metrics.get(WEIGHT_KEY)
-    if isinstance(n, bool) or not isinstance(n, int | float):
+    if isinstance(n, bool) or not isinstance(n, (int, float)):
         return {}, f"'{WEIGHT_KEY}' missing or not a number ({n!r})"
     if not (float(n).is_integer() and n > 0):
         return {}, f"'{WEIGHT_KEY}' must be a positive integer, got {n!r}"
-    values = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
+    values = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
     return values, ""
 
 
@@ -864,7 +864,9 @@ class WeightedFedAvg(FedAvg):
                 _reject(s, s.reason, server_round)
         # The float32 average is written straight into the new global model's npy bytes.
         fresh = None
-        if all(a.dtype == np.float32 for a in sent.values()):
+        if layout is not None and layout.float32:
+            fresh = FreshArrays(layout)
+        elif all(a.dtype == np.float32 for a in sent.values()):
             fresh = FreshArrays({name: a.shape for name, a in sent.items()})
         averaged = self._average_all_good(screened, sent, fresh)
         if averaged is None:
