@@ -170,12 +170,12 @@ class NpyLayout:
         self.headers = tuple(d[0] for d in declared)
         self.np_dtypes = tuple(d[1] for d in declared)
         self.counts = tuple(d[3] for d in declared)
-        self.sizes = tuple(
+        self.payload_sizes = tuple(
             len(h) + n * t.itemsize
             for h, n, t in zip(self.headers, self.counts, self.np_dtypes, strict=True)
         )
         self.float32 = all(t == np.float32 for t in self.np_dtypes)
-        self.record_bytes = sum(self.sizes) + sum(len(name) for name in names)
+        self.record_bytes = sum(self.payload_sizes) + sum(len(name) for name in names)
         """``ArrayRecord.count_bytes()`` of a record of this layout: its bytes and its names."""
         self.index = {name: i for i, name in enumerate(names)}
 
@@ -199,9 +199,14 @@ class NpyLayout:
         """
         if tuple(record.keys()) != self.names:
             return None
-        payloads, starts = [], []
+        payloads = []
         for array, dtype, shape, header, size in zip(
-            record.values(), self.dtypes, self.shapes, self.headers, self.sizes, strict=True
+            record.values(),
+            self.dtypes,
+            self.shapes,
+            self.headers,
+            self.payload_sizes,
+            strict=True,
         ):
             data = array.data
             if (
@@ -213,8 +218,7 @@ class NpyLayout:
             ):
                 return None
             payloads.append(data)
-            starts.append(bytes_address(data) + len(header))
-        return NpyViews(self, payloads, starts)
+        return NpyViews._unchecked(self, payloads, writable=False)
 
 
 class NpyViews(Mapping[str, np.ndarray]):
@@ -227,17 +231,41 @@ class NpyViews(Mapping[str, np.ndarray]):
     (:class:`FreshArrays`).
     """
 
-    def __init__(
-        self, layout: NpyLayout, payloads: list[bytes], starts: list[int], writable: bool = False
-    ) -> None:
-        """``starts``: where each payload's values begin (:func:`bytes_address` + header)."""
+    def __init__(self, layout: NpyLayout, payloads: list[bytes]) -> None:
+        """Read-only views of ``payloads``, each an npy payload of ``layout`` (checked)."""
+        if len(payloads) != len(layout.names) or any(
+            type(data) is not bytes or len(data) != size or not data.startswith(header)
+            for data, header, size in zip(
+                payloads, layout.headers, layout.payload_sizes, strict=False
+            )
+        ):
+            raise ValueError("payloads that are not npy bytes of this layout")
+        self._adopt(layout, payloads)
+
+    def _adopt(self, layout: NpyLayout, payloads: list[bytes], writable: bool = False) -> None:
         self.layout = layout
         self.writable = writable
         self._payloads = payloads
-        self._starts = starts
+        self._starts = tuple(
+            bytes_address(data) + len(header)
+            for data, header in zip(payloads, layout.headers, strict=True)
+        )
         self._views: dict[str, np.ndarray] = {}
 
-    def addresses(self) -> list[int]:
+    @classmethod
+    def _unchecked(cls, layout: NpyLayout, payloads: list[bytes], writable: bool) -> NpyViews:
+        """For this module, which made or has just checked the payloads: no second check."""
+        views = cls.__new__(cls)
+        views._adopt(layout, payloads, writable)
+        return views
+
+    def seal(self) -> None:
+        """No more writing: the bytes are about to be shared (:meth:`FreshArrays.record`)."""
+        self.writable = False
+        for view in self._views.values():
+            view.flags.writeable = False
+
+    def addresses(self) -> tuple[int, ...]:
         """Where each array's first value lies, in :attr:`NpyLayout.names` order."""
         return self._starts
 
@@ -288,21 +316,19 @@ class FreshArrays:
             names = tuple(shapes)
             shape_list = tuple(tuple(shape) for shape in shapes.values())
             layout = NpyLayout(names, ("float32",) * len(names), shape_list)
-        payloads, starts = [], []
-        for header, size in zip(layout.headers, layout.sizes, strict=True):
+        payloads = []
+        for header, size in zip(layout.headers, layout.payload_sizes, strict=True):
             data = _new_bytes(None, size)
-            start = bytes_address(data)
-            ctypes.memmove(start, header, len(header))
+            ctypes.memmove(bytes_address(data), header, len(header))
             payloads.append(data)
-            starts.append(start + len(header))
         self._payloads = payloads
         self.layout = layout
-        self.values: Mapping[str, np.ndarray] = NpyViews(layout, payloads, starts, writable=True)
+        self.values: NpyViews = NpyViews._unchecked(layout, payloads, writable=True)
         """Writable float32 views of each array's values (each keeps its bytes alive)."""
 
     def record(self) -> ArrayRecord:
-        """The arrays, as they were written; the views are dropped."""
-        self.values = {}
+        """The arrays, as they were written; the views, also any held elsewhere, turn read-only."""
+        self.values.seal()
         # Item by item: ArrayRecord(dict) would build every Array a second time.
         record = ArrayRecord()
         layout = self.layout

@@ -342,7 +342,7 @@ def _addresses(
     names: tuple[str, ...],
     sizes: tuple[int, ...],
     keep: list[np.ndarray],
-) -> list[int]:
+) -> Sequence[int]:
     """Where each named array's float32 values start, once its size is checked.
 
     Arrays read in place from npy bytes (:class:`~sigmax_fl.codec.NpyViews`) of this layout
@@ -367,7 +367,7 @@ def _addresses(
 
 def _writable_addresses(
     out: Mapping[str, np.ndarray], names: tuple[str, ...], sizes: tuple[int, ...]
-) -> list[int]:
+) -> Sequence[int]:
     """Where the kernel writes each named array: checked to be C-ordered float32 of its size."""
     if (
         isinstance(out, NpyViews)
@@ -424,9 +424,11 @@ def norms_and_average(
     # Every pointer the kernel takes, in one buffer: the replies array by array (reply k's
     # array a at a * replies + k), then the reference's arrays, then the result's.
     pointers = np.array(
-        [at[a] for a in range(arrays) for at in x_at]
-        + g_at
-        + _writable_addresses(out, names, sizes),
+        [
+            *(at[a] for a in range(arrays) for at in x_at),
+            *g_at,
+            *_writable_addresses(out, names, sizes),
+        ],
         dtype=np.uintp,
     )
     xs = pointers.ctypes.data

@@ -249,12 +249,8 @@ def _metric_values(
     return values, ""
 
 
-def encoding_of(message: Message) -> str:
-    """The update encoding a reply declares in its meta record; float32 weights if none."""
-    return _encoding(_meta(message))
-
-
 def _encoding(meta: ConfigRecord | None) -> str:
+    """The update encoding a reply's meta record declares; float32 weights if none."""
     return str(meta.get(ENCODING_KEY, "float32")) if meta is not None else "float32"
 
 
@@ -269,8 +265,8 @@ def screen_train_reply(
     An encoded reply (float16 / int8 delta) is decoded against ``reference`` first, so every
     later check sees full weights. Values are not read here: :class:`WeightedFedAvg` folds the
     NaN / Inf test into its one pass over the data (a non-finite value makes the update norm
-    non-finite) instead of reading every reply once more. ``layout``, the reference's
-    (:class:`~sigmax_fl.codec.NpyLayout`), recognises the common reply at a glance.
+    non-finite) instead of reading every reply once more. ``layout`` must be the reference's
+    (:class:`~sigmax_fl.codec.NpyLayout`): it recognises the common reply at a glance.
     """
     node = message.metadata.src_node_id
     if message.has_error():
@@ -353,8 +349,8 @@ def norms_and_average(
     models: Sequence[Mapping[str, np.ndarray]],
     reference: Mapping[str, np.ndarray],
     weights: Sequence[float],
-    out: dict[str, np.ndarray] | None = None,
-) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    out: Mapping[str, np.ndarray] | None = None,
+) -> tuple[np.ndarray, Mapping[str, np.ndarray]]:
     """Update norms ||w_k - w_global|| and the average sum_k weight_k w_k, in one pass.
 
     A float32 model of at least ``fused.MIN_PARAMS`` parameters goes through the C loop of
@@ -901,7 +897,7 @@ class WeightedFedAvg(FedAvg):
         return arrays, MetricRecord(metrics)
 
     def _average_all_good(
-        self, screened: list[Screened], sent: dict[str, np.ndarray], out: FreshArrays | None
+        self, screened: list[Screened], sent: Mapping[str, np.ndarray], out: FreshArrays | None
     ) -> dict[str, np.ndarray] | None:
         """The common round, in one pass over the replies; None when it is not that round.
 
@@ -936,7 +932,7 @@ class WeightedFedAvg(FedAvg):
     def _screen_and_average(
         self,
         screened: list[Screened],
-        sent: dict[str, np.ndarray],
+        sent: Mapping[str, np.ndarray],
         server_round: int,
         out: FreshArrays | None,
     ) -> dict[str, np.ndarray] | None:

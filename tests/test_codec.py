@@ -33,6 +33,7 @@ from sigmax_fl.codec import (
     FreshArrays,
     MalformedUpdateError,
     NpyLayout,
+    NpyViews,
     as_numpy,
     bytes_address,
     decode_update,
@@ -42,7 +43,7 @@ from sigmax_fl.codec import (
 from sigmax_fl.deploy.flwr_cli import FlwrHome
 from sigmax_fl.model import build_model
 from sigmax_fl.settings import ConfigError, Settings
-from sigmax_fl.strategy import META_KEY, Defences, WeightedFedAvg
+from sigmax_fl.strategy import META_KEY, Defences, WeightedFedAvg, screen_train_reply
 
 from .conftest import in_process_run, on_instances, simulate
 
@@ -351,9 +352,22 @@ def test_a_layout_reads_its_own_records_in_place_and_no_others() -> None:
     for name, address in zip(views, views.addresses(), strict=True):
         assert views[name].ctypes.data == address and not views[name].flags.writeable
         np.testing.assert_array_equal(views[name], trained(arrays, seed=1)[name])
+    # ... and screening counts its bytes as Flower does
+    reply = Message(
+        RecordDict(
+            {
+                "arrays": _record(trained(arrays, seed=1)),
+                "metrics": MetricRecord({"num-examples": 10}),
+            }
+        ),
+        reply_to=Message(RecordDict(), dst_node_id=1, message_type="train"),
+    )
+    screened = screen_train_reply(reply, sent, layout.views(sent), layout)
+    assert screened.ok and isinstance(screened.arrays, NpyViews)
+    assert screened.payload_bytes == reply.content["arrays"].count_bytes()
     # Anything else is for the careful checks: other order, dtype, shape, npy order, payload
     names = list(arrays)
-    first = names[0]
+    first = next(k for k, v in arrays.items() if v.ndim == 2)
     reordered = _record({k: arrays[k] for k in reversed(names)})
     as_float64 = _record({**arrays, first: arrays[first].astype(np.float64)})
     reshaped = _record({**arrays, first: arrays[first].reshape(-1)})
@@ -370,7 +384,14 @@ def test_a_layout_reads_its_own_records_in_place_and_no_others() -> None:
         stype="numpy.ndarray",
         data=sent[first].data[:-4],
     )
-    for other in (reordered, as_float64, reshaped, fortran, short):
+    subclassed = _record(arrays)
+    subclassed[first] = Array(
+        dtype="float32",
+        shape=arrays[first].shape,
+        stype="numpy.ndarray",
+        data=type("Bytes", (bytes,), {})(sent[first].data),
+    )
+    for other in (reordered, as_float64, reshaped, fortran, short, subclassed):
         assert layout.views(other) is None
 
 

@@ -281,6 +281,7 @@ def test_npy_bytes_and_unaligned_arrays_give_the_same_bits(kernel: None) -> None
     ]
     reference = layout.views(ArrayRecord({k: strategy.npy_array(v) for k, v in glob.items()}))
     fresh = FreshArrays({k: v.shape for k, v in glob.items()})
+    assert all(a % 16 == 0 for a in fresh.values.addresses())  # so the stores stream
     npy_norms = fused.norms_and_average(in_npy, reference, list(weights), fresh.values)
     out = {}
     for k, v in glob.items():
@@ -299,7 +300,9 @@ def test_fresh_arrays_survive_flower_serialisation() -> None:
     fresh.values["w"][:] = np.arange(20, dtype=np.float32).reshape(4, 5)
     fresh.values["b"][:] = [-1.5, 0.0, 2.25]
     record = fresh.record()
-    assert fresh.values == {}
+    with pytest.raises(ValueError, match="read-only"):  # shared with Flower: no more writing
+        fresh.values["w"][0, 0] = 1.0
+    assert not fresh.values.writable
     message = Message(RecordDict({"arrays": record}), dst_node_id=2, message_type="train")
     back = message_from_proto(message_to_proto(message)).content["arrays"]
     assert isinstance(back, ArrayRecord)

@@ -289,6 +289,15 @@ def test_weight_cap_redistributes_excess() -> None:
     assert cascade.max() <= 0.3 + 1e-12 and cascade.sum() == pytest.approx(1.0)
 
 
+@pytest.mark.parametrize("seed", range(5))
+def test_uncapped_shares_are_n_over_the_total_to_the_bit(seed: int) -> None:
+    # The common round (nobody at the cap) skips the water-filling: its numbers must not move
+    examples = list(np.random.default_rng(seed).integers(1, 10**7, size=12))
+    n = np.asarray(examples, dtype=np.float64)
+    assert capped_shares(examples, 0.5).tobytes() == (n / n.sum()).tobytes()
+    assert capped_shares([int(k) for k in examples], 1.0).tobytes() == (n / n.sum()).tobytes()
+
+
 def test_default_cap_applies_inside_the_strategy() -> None:
     glob = arrays(0)
     models = [near(glob, 1), near(glob, 2)]
