@@ -218,7 +218,7 @@ class NpyLayout:
             ):
                 return None
             payloads.append(data)
-        return NpyViews._unchecked(self, payloads, writable=False)
+        return NpyViews(self, payloads)
 
 
 class NpyViews(Mapping[str, np.ndarray]):
@@ -231,18 +231,12 @@ class NpyViews(Mapping[str, np.ndarray]):
     (:class:`FreshArrays`).
     """
 
-    def __init__(self, layout: NpyLayout, payloads: list[bytes]) -> None:
-        """Read-only views of ``payloads``, each an npy payload of ``layout`` (checked)."""
-        if len(payloads) != len(layout.names) or any(
-            type(data) is not bytes or len(data) != size or not data.startswith(header)
-            for data, header, size in zip(
-                payloads, layout.headers, layout.payload_sizes, strict=False
-            )
-        ):
-            raise ValueError("payloads that are not npy bytes of this layout")
-        self._adopt(layout, payloads)
+    def __init__(self, layout: NpyLayout, payloads: list[bytes], writable: bool = False) -> None:
+        """Views of ``payloads``, npy payloads of ``layout`` to the byte.
 
-    def _adopt(self, layout: NpyLayout, payloads: list[bytes], writable: bool = False) -> None:
+        Made only by :meth:`NpyLayout.views`, which has just checked each payload, and by
+        :class:`FreshArrays`, which made them: the aggregation kernel trusts :meth:`addresses`.
+        """
         self.layout = layout
         self.writable = writable
         self._payloads = payloads
@@ -251,13 +245,6 @@ class NpyViews(Mapping[str, np.ndarray]):
             for data, header in zip(payloads, layout.headers, strict=True)
         )
         self._views: dict[str, np.ndarray] = {}
-
-    @classmethod
-    def _unchecked(cls, layout: NpyLayout, payloads: list[bytes], writable: bool) -> NpyViews:
-        """For this module, which made or has just checked the payloads: no second check."""
-        views = cls.__new__(cls)
-        views._adopt(layout, payloads, writable)
-        return views
 
     def seal(self) -> None:
         """No more writing: the bytes are about to be shared (:meth:`FreshArrays.record`)."""
@@ -323,7 +310,7 @@ class FreshArrays:
             payloads.append(data)
         self._payloads = payloads
         self.layout = layout
-        self.values: NpyViews = NpyViews._unchecked(layout, payloads, writable=True)
+        self.values = NpyViews(layout, payloads, writable=True)
         """Writable float32 views of each array's values (each keeps its bytes alive)."""
 
     def record(self) -> ArrayRecord:
