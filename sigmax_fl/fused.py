@@ -337,6 +337,22 @@ def applies(reference: Mapping[str, np.ndarray]) -> bool:
     return float32 and size >= MIN_PARAMS and library() is not None
 
 
+def _in_place(
+    arrays: Mapping[str, np.ndarray], names: tuple[str, ...], sizes: tuple[int, ...]
+) -> Sequence[int] | None:
+    """Addresses that npy bytes of exactly these float32 arrays know; None for other arrays.
+
+    :class:`~sigmax_fl.codec.NpyViews` know them from their bytes; numpy is asked about others.
+    """
+    if (
+        isinstance(arrays, NpyViews)
+        and arrays.layout.float32
+        and (arrays.layout.names, arrays.layout.counts) == (names, sizes)
+    ):
+        return arrays.addresses()
+    return None
+
+
 def _addresses(
     arrays: Mapping[str, np.ndarray],
     names: tuple[str, ...],
@@ -349,12 +365,8 @@ def _addresses(
     say so themselves. Others are asked through numpy, C-ordered float32 as the kernel reads
     them: a no-op for such arrays, a copy into ``keep`` otherwise (e.g. a Fortran-order reply).
     """
-    if (
-        isinstance(arrays, NpyViews)
-        and arrays.layout.float32
-        and (arrays.layout.names, arrays.layout.counts) == (names, sizes)
-    ):
-        return arrays.addresses()
+    if (at := _in_place(arrays, names, sizes)) is not None:
+        return at
     out = []
     for n, size in zip(names, sizes, strict=True):
         a = np.ascontiguousarray(arrays[n], dtype=np.float32)
@@ -369,13 +381,9 @@ def _writable_addresses(
     out: Mapping[str, np.ndarray], names: tuple[str, ...], sizes: tuple[int, ...]
 ) -> Sequence[int]:
     """Where the kernel writes each named array: checked to be C-ordered float32 of its size."""
-    if (
-        isinstance(out, NpyViews)
-        and out.writable
-        and out.layout.float32
-        and (out.layout.names, out.layout.counts) == (names, sizes)
-    ):
-        return out.addresses()
+    writable = isinstance(out, NpyViews) and out.writable
+    if writable and (in_place := _in_place(out, names, sizes)) is not None:
+        return in_place
     at = []
     for n, size in zip(names, sizes, strict=True):
         a = out[n]

@@ -134,13 +134,13 @@ class Defences:
             )
 
 
-def _records(message: Message, kind: type[_R]) -> dict[str, _R]:
-    """The reply's records of one kind, as ``message.content.<kind>_records`` gives them.
+def _records(content: Mapping[str, object], kind: type[_R]) -> dict[str, _R]:
+    """A reply's records of one kind, as ``message.content.<kind>_records`` gives them.
 
     Without building Flower's synced, type-checked view, which cost more than the one pass
     over a 1M-parameter reply.
     """
-    return {key: r for key, r in message.content.items() if isinstance(r, kind)}
+    return {key: r for key, r in content.items() if isinstance(r, kind)}
 
 
 def _meta(message: Message) -> ConfigRecord | None:
@@ -224,7 +224,7 @@ def _metrics_of(message: Message, record: str = "") -> tuple[dict[str, float], s
     ``record`` names the MetricRecord to read; by default the reply must hold exactly one,
     except that a train reply may add the received model's scores (:data:`EVALUATION_KEY`).
     """
-    return _metric_values(_records(message, MetricRecord), record)
+    return _metric_values(_records(message.content, MetricRecord), record)
 
 
 def _metric_values(
@@ -275,19 +275,17 @@ def screen_train_reply(
     records = dict(message.content.items())
     meta = _as_meta(records.get(META_KEY))
     verdict = Screened(_named_instance(meta) or f"node-{node}", node)
-    metrics, problem = _metric_values(
-        {k: r for k, r in records.items() if isinstance(r, MetricRecord)}
-    )
+    metrics, problem = _metric_values(_records(records, MetricRecord))
     if problem:
         verdict.reason = problem
         return verdict
     verdict.metrics = metrics
     verdict.num_examples = int(metrics[WEIGHT_KEY])
-    array_records = [r for r in records.values() if isinstance(r, ArrayRecord)]
+    array_records = _records(records, ArrayRecord)
     if len(array_records) != 1:
         verdict.reason = f"expected one ArrayRecord, got {len(array_records)}"
         return verdict
-    arrays = array_records[0]
+    arrays = next(iter(array_records.values()))
     encoding = _encoding(meta)
     views = layout.views(arrays) if layout is not None and encoding == "float32" else None
     if views is not None:  # the common reply: the sent model's layout, to the byte
